@@ -1,0 +1,69 @@
+"""Multi-head self-attention, the one attention core shared by image and text models.
+
+Vaswani et al. (2017), "Attention Is All You Need". Parameter names follow timm's
+``timm.layers.Attention`` (``qkv``, ``proj``) so that state dicts line up.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through ``F.scaled_dot_product_attention``.
+
+    Args:
+        dim: Token width.
+        num_heads: Number of heads; must divide ``dim``.
+        qkv_bias: Whether the fused query/key/value projection has a bias.
+        attn_drop: Dropout on the attention weights.
+        proj_drop: Dropout after the output projection.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(
+                f"num_heads={num_heads} does not divide embed_dim={dim}: "
+                f"choose num_heads among the divisors of {dim}."
+            )
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(
+        self, x: torch.Tensor, padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Attend over ``x`` of shape (B, N, D).
+
+        Args:
+            x: Token sequence.
+            padding_mask: Optional (B, N) bool tensor, True where a token is padding.
+                Padding tokens are never attended to (they still produce outputs,
+                which the caller ignores).
+        """
+        q, k, v = rearrange(
+            self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads
+        )
+        attn_mask = None
+        if padding_mask is not None:
+            attn_mask = rearrange(~padding_mask, "b n -> b 1 1 n")  # True = may attend
+        x = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0.0
+        )  # (B, h, N, d)
+        x = rearrange(x, "b h n d -> b n (h d)")
+        return self.proj_drop(self.proj(x))

@@ -1,0 +1,355 @@
+"""Image data: CIFAR-10 (torchvision download or a local copy) and image folders.
+
+Every split is decoded once into a uint8 tensor, cached on disk (safetensors, keyed by the
+files it came from) and served in whole batches; augmentation runs on the batch after it
+reaches the device (``vit.augment``), so the training loop never touches PIL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+from tqdm.auto import tqdm
+
+from vit.augment import normalize, random_crop, random_hflip
+from vit.imageio import ImageDecodeError, is_image_file, load_image
+
+CIFAR10_CLASSES = [
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+]
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR10_BATCHES = "cifar-10-batches-py"
+CACHE_FORMAT = 1  # bump when the cached layout changes
+
+
+class DataNotFoundError(FileNotFoundError):
+    """The data set is not where the configuration says and cannot be fetched."""
+
+
+def default_cache_dir() -> Path:
+    """``$VIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/vit``, else ``~/.cache/vit``."""
+    if "VIT_CACHE_DIR" in os.environ:
+        return Path(os.environ["VIT_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vit"
+
+
+def _missing_data_message(root: Path, reason: str) -> str:
+    return (
+        f"no image data at --data.root {root} ({reason}). Point --data.root at a local copy: "
+        f"torchvision's '{CIFAR10_BATCHES}' folder (or the folder holding it), or an image "
+        f"folder laid out as train/<class>/*.jpg and test/<class>/*.jpg; or, with network "
+        f"access, set --data.download true to fetch CIFAR-10 into {root}."
+    )
+
+
+class ImageSource:
+    """Where the images of one data set live: a CIFAR-10 batches folder or an image folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        if (root / CIFAR10_BATCHES).is_dir():
+            self.kind, self.batches_dir = "cifar10", root / CIFAR10_BATCHES
+        elif root.name == CIFAR10_BATCHES and root.is_dir():
+            self.kind, self.batches_dir = "cifar10", root
+        elif (root / "train").is_dir():
+            self.kind, self.batches_dir = "folder", None
+        else:
+            raise DataNotFoundError(_missing_data_message(root, "found no train/ folder"))
+        self.class_names = self._class_names()
+
+    def _class_names(self) -> list[str]:
+        if self.kind == "cifar10":
+            return list(CIFAR10_CLASSES)
+        splits = {s: self._folder_classes(s) for s in ("train", "test") if (self.root / s).is_dir()}
+        if not splits["train"]:
+            raise DataNotFoundError(
+                _missing_data_message(self.root, "train/ holds no class folders with images")
+            )
+        if "test" in splits and splits["test"] != splits["train"]:
+            only_train = sorted(set(splits["train"]) - set(splits["test"]))
+            only_test = sorted(set(splits["test"]) - set(splits["train"]))
+            raise ValueError(
+                f"class folders differ between {self.root / 'train'} and {self.root / 'test'}: "
+                f"only in train: {only_train or 'none'}, only in test: {only_test or 'none'}. "
+                f"Give both splits the same class folders."
+            )
+        return splits["train"]
+
+    def _folder_classes(self, split: str) -> list[str]:
+        return sorted(
+            d.name for d in (self.root / split).iterdir()
+            if d.is_dir() and any(is_image_file(f) for f in d.rglob("*"))
+        )
+
+    def has_split(self, split: str) -> bool:
+        return self.kind == "cifar10" or (self.root / split).is_dir()
+
+    def files(self, split: str) -> list[tuple[Path, int]]:
+        """(path, label) for every image file of an image-folder split, in a fixed order."""
+        return [
+            (path, label)
+            for label, name in enumerate(self.class_names)
+            for path in sorted((self.root / split / name).rglob("*"))
+            if is_image_file(path)
+        ]
+
+    def fingerprint(self, split: str, image_size: int) -> str:
+        """A key that changes when any file of the split or the decoding changes."""
+        h = hashlib.sha256(f"{CACHE_FORMAT}|{self.root.resolve()}|{split}|{image_size}".encode())
+        if self.kind == "cifar10":
+            listing = sorted(self.batches_dir.iterdir())
+        else:
+            listing = [path for path, _ in self.files(split)]
+        for path in listing:
+            stat = path.stat()
+            h.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+        return h.hexdigest()[:20]
+
+    def decode(self, split: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode a split into ((N, 3, S, S) uint8 images, (N,) int64 labels)."""
+        if self.kind == "cifar10":
+            return self._decode_cifar10(split, image_size)
+        files = self.files(split)
+        if not files:
+            raise DataNotFoundError(_missing_data_message(self.root, f"{split}/ holds no images"))
+
+        def decode_or_report(path: Path) -> np.ndarray | str:
+            try:
+                return load_image(path, image_size)
+            except ImageDecodeError as err:
+                return str(err)
+
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            results = list(tqdm(
+                pool.map(decode_or_report, [path for path, _ in files]),
+                total=len(files), desc=f"decoding {self.root.name}/{split}", unit="img",
+            ))
+        failures = [r for r in results if isinstance(r, str)]
+        if len(failures) == len(results):
+            raise DataNotFoundError(f"no image under {self.root / split} could be read: {failures[0]}")
+        if failures:
+            print(f"warning: skipped {len(failures)} unreadable file(s) in {self.root / split}, "
+                  f"for example {failures[0]}")
+        kept = [(array, label) for array, (_, label) in zip(results, files) if not isinstance(array, str)]
+        images = torch.from_numpy(np.stack([a for a, _ in kept])).permute(0, 3, 1, 2).contiguous()
+        labels = torch.tensor([label for _, label in kept], dtype=torch.int64)
+        return images, labels
+
+    def _decode_cifar10(self, split: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from torchvision.datasets import CIFAR10
+
+        dataset = CIFAR10(str(self.batches_dir.parent), train=split == "train", download=False)
+        images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
+        if image_size != images.shape[-1]:
+            images = torch.nn.functional.interpolate(
+                images.float(), size=(image_size, image_size), mode="bicubic", antialias=True
+            ).round().clamp(0, 255).to(torch.uint8)
+        return images, torch.tensor(dataset.targets, dtype=torch.int64)
+
+
+def load_split(
+    source: ImageSource, split: str, image_size: int, cache_dir: Path | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoded split from the cache, decoding (and caching) it on the first call."""
+    if cache_dir is None:
+        return source.decode(split, image_size)
+    path = cache_dir / f"{source.kind}-{split}-{source.fingerprint(split, image_size)}.safetensors"
+    if path.exists():
+        try:
+            tensors = load_file(path)
+            return tensors["images"], tensors["labels"]
+        except Exception:  # a damaged cache file is decoded again, never trusted
+            path.unlink(missing_ok=True)
+    images, labels = source.decode(split, image_size)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file({"images": images, "labels": labels}, tmp,
+                  metadata={"classes": json.dumps(source.class_names)})
+        os.replace(tmp, path)  # atomic: a reader never sees half a file
+    except OSError as err:
+        print(f"warning: could not write the decoded-data cache in {cache_dir} ({err}); "
+              f"set --data.cache_dir to a writable folder to skip decoding next time.")
+    return images, labels
+
+
+class BatchTensorDataset(torch.utils.data.Dataset):
+    """(images, labels) tensors served a whole batch at a time through ``__getitems__``."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index], self.labels[index]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(indices)
+        return self.images[index], self.labels[index]
+
+
+def _batch_as_is(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch
+
+
+class ImageDataModule(L.LightningDataModule):
+    """CIFAR-10 or any image folder, decoded once to uint8 and augmented batch-wise.
+
+    Args:
+        root: A folder holding torchvision's ``cifar-10-batches-py`` (downloaded here when
+            missing and ``download`` is on), that folder itself, or an image folder with
+            ``train/<class>/*`` and ``test/<class>/*``.
+        download: Fetch CIFAR-10 into ``root`` through torchvision when nothing is there.
+        image_size: Side of the square images the model sees; other sizes are resized.
+        batch_size: Images per batch (per device under DDP).
+        val_fraction: Share of the training images held out for validation (seeded).
+        crop_padding: Pixels of zero padding for the random crop; 0 turns cropping off.
+        hflip: Random horizontal flips.
+        mean: Per-channel mean used for normalisation, in [0, 1].
+        std: Per-channel standard deviation used for normalisation, in [0, 1].
+        cache_dir: Where decoded splits are cached; defaults to ``~/.cache/vit``.
+        num_workers: DataLoader worker processes (0 is fastest for in-memory tensors).
+        seed: Seed of the train/validation split.
+    """
+
+    def __init__(
+        self,
+        root: str = "data/cifar10",
+        *,
+        download: bool = True,
+        image_size: int = 32,
+        batch_size: int = 128,
+        val_fraction: float = 0.1,
+        crop_padding: int = 4,
+        hflip: bool = True,
+        mean: tuple[float, float, float] = CIFAR10_MEAN,
+        std: tuple[float, float, float] = CIFAR10_STD,
+        cache_dir: str | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"--data.val_fraction must be in [0, 1), got {val_fraction}.")
+        if batch_size < 1:
+            raise ValueError(f"--data.batch_size must be at least 1, got {batch_size}.")
+        self.root = Path(root).expanduser()
+        self.download = download
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.crop_padding = crop_padding
+        self.hflip = hflip
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        self.num_workers = num_workers
+        self.seed = seed
+        self.class_names = self._find_class_names()
+        self.splits: dict[str, BatchTensorDataset] = {}
+
+    def _find_class_names(self) -> list[str]:
+        try:
+            return ImageSource(self.root).class_names
+        except DataNotFoundError:
+            if self.download and not (self.root.exists() and any(self.root.iterdir())):
+                return list(CIFAR10_CLASSES)  # fetched in prepare_data
+            raise
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def spec(self) -> dict:
+        """What a model needs to know of this data, saved in every checkpoint."""
+        return {
+            "modality": "image",
+            "class_names": self.class_names,
+            "image_size": self.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    def prepare_data(self) -> None:
+        """Download CIFAR-10 when ``root`` holds no data (once per node, before ``setup``)."""
+        try:
+            ImageSource(self.root)
+            return
+        except DataNotFoundError:
+            if not self.download:
+                raise
+        from torchvision.datasets import CIFAR10
+
+        try:
+            for train in (True, False):
+                CIFAR10(str(self.root), train=train, download=True)
+        except Exception as err:  # URLError, socket errors, HTTP errors, bad archives
+            raise DataNotFoundError(
+                _missing_data_message(self.root, f"the CIFAR-10 download failed: {err}")
+            ) from None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        source = ImageSource(self.root)
+        images, labels = load_split(source, "train", self.image_size, self.cache_dir)
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
+        num_val = round(len(labels) * self.val_fraction)
+        val_idx, train_idx = order[:num_val], order[num_val:]
+        self.splits["train"] = BatchTensorDataset(images[train_idx], labels[train_idx])
+        self.splits["val"] = BatchTensorDataset(images[val_idx], labels[val_idx])
+        if source.has_split("test"):
+            self.splits["test"] = BatchTensorDataset(
+                *load_split(source, "test", self.image_size, self.cache_dir)
+            )
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if split not in self.splits or len(self.splits[split]) == 0:
+            raise DataNotFoundError(
+                f"no {split} images under {self.root}"
+                + (": raise --data.val_fraction above 0." if split == "val" else
+                   ": add a test/<class>/ folder beside train/.")
+            )
+        dataset = self.splits[split]
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(self.seed)) \
+            if shuffle else SequentialSampler(dataset)
+        batches = BatchSampler(sampler, self.batch_size, drop_last=shuffle and len(dataset) > self.batch_size)
+        return DataLoader(
+            dataset, batch_sampler=batches, collate_fn=_batch_as_is,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def on_after_batch_transfer(
+        self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augment (training only) and normalise the uint8 batch on its device."""
+        images, labels = batch
+        if self.trainer is not None and self.trainer.training:
+            images = random_crop(images, self.crop_padding)
+            if self.hflip:
+                images = random_hflip(images)
+        return normalize(images, self.mean, self.std), labels

@@ -1,0 +1,77 @@
+"""Front ends that turn an input into a (B, N, D) token sequence.
+
+``PatchEmbed`` is the linear patch embedding of Dosovitskiy et al. (2021): the image is cut
+into P x P patches and each flattened patch is mapped by one linear layer. A ``Conv2d`` with
+kernel = stride = P is exactly that map (and is what timm stores as ``patch_embed.proj``).
+``TokenEmbed`` is the text counterpart: a lookup table from token id to vector.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+
+
+class PatchEmbed(nn.Module):
+    """Cut (B, C, H, W) images into P x P patches and embed each one linearly.
+
+    Args:
+        image_size: Height and width of the (square) input images.
+        patch_size: Side of each square patch; must divide ``image_size``.
+        in_chans: Colour channels of the input.
+        embed_dim: Width of each patch token.
+    """
+
+    def __init__(self, image_size: int, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        if image_size % patch_size != 0:
+            raise ValueError(
+                f"patch_size={patch_size} does not divide image_size={image_size}: "
+                f"pick a patch size among the divisors of {image_size} "
+                f"({', '.join(str(p) for p in range(1, image_size + 1) if image_size % p == 0)})."
+            )
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.grid_size = image_size // patch_size
+        self.num_patches = self.grid_size**2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"expected images of {self.image_size}x{self.image_size} pixels, got "
+                f"{tuple(images.shape[-2:])}: resize the input or build the model with "
+                f"image_size={images.shape[-1]}."
+            )
+        x = self.proj(images)  # (B, D, H/P, W/P): one linear map per patch
+        return rearrange(x, "b d gh gw -> b (gh gw) d")
+
+
+class TokenEmbed(nn.Embedding):
+    """Look up a vector for each token id of a (B, T) batch.
+
+    Args:
+        vocab_size: Number of ids in the tokenizer's vocabulary.
+        embed_dim: Width of each token vector.
+        pad_id: Id of the [PAD] token; the encoder never attends to it.
+    """
+
+    def __init__(self, vocab_size: int, embed_dim: int, pad_id: int) -> None:
+        super().__init__(vocab_size, embed_dim)
+        self.pad_id = pad_id
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, grid_size: int) -> torch.Tensor:
+    """Resize an image model's (1, 1 + g*g, D) positional embedding to a new patch grid.
+
+    The CLS position is kept; the g x g grid is resampled bicubically, as timm does when
+    weights trained at one image size are used at another.
+    """
+    old_grid = round((pos_embed.shape[1] - 1) ** 0.5)
+    if old_grid == grid_size:
+        return pos_embed
+    return resample_abs_pos_embed(
+        pos_embed, new_size=[grid_size, grid_size], old_size=[old_grid, old_grid], num_prefix_tokens=1
+    )

@@ -1,0 +1,179 @@
+"""The Lightning system around a plain token classifier: loss, metrics, optimiser, schedule."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+from vit.checkpoint import load_into
+from vit.model import ImageClassifier, TextClassifier, TokenClassifier, encoder_config
+
+
+def build_model(
+    data_spec: dict[str, Any],
+    *,
+    variant: str = "tiny",
+    embed_dim: int | None = None,
+    depth: int | None = None,
+    num_heads: int | None = None,
+    mlp_ratio: float | None = None,
+    patch_size: int = 4,
+    drop_rate: float = 0.0,
+    attn_drop_rate: float = 0.0,
+    drop_path_rate: float = 0.0,
+) -> TokenClassifier:
+    """The image or text classifier that ``data_spec`` (a data module's ``spec``) calls for."""
+    encoder = encoder_config(
+        variant, embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio
+    )
+    common = dict(
+        num_classes=len(data_spec["class_names"]), encoder=encoder, drop_rate=drop_rate,
+        attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate,
+    )
+    if data_spec["modality"] == "image":
+        return ImageClassifier(image_size=data_spec["image_size"], patch_size=patch_size, **common)
+    if data_spec["modality"] == "text":
+        return TextClassifier(
+            vocab_size=data_spec["vocab_size"], max_length=data_spec["max_length"],
+            pad_id=data_spec["pad_id"], **common,
+        )
+    raise ValueError(f"unknown modality {data_spec['modality']!r} in the data spec.")
+
+
+class Classifier(L.LightningModule):
+    """Trains any ``TokenClassifier``: cross-entropy, AdamW, warmup then cosine decay.
+
+    Args:
+        variant: Named encoder size (``vit.model.VARIANTS``).
+        embed_dim: Overrides the variant's token width.
+        depth: Overrides the variant's number of blocks.
+        num_heads: Overrides the variant's attention heads.
+        mlp_ratio: Overrides the variant's MLP width ratio.
+        patch_size: Side of the square image patches (image data only).
+        drop_rate: Dropout on embeddings and inside blocks.
+        attn_drop_rate: Dropout on attention weights.
+        drop_path_rate: Stochastic-depth rate of the last block.
+        lr: Peak learning rate, reached at the end of warmup.
+        weight_decay: AdamW decay, applied to weight matrices only (not to norms, biases,
+            positional embeddings or the CLS token).
+        betas: AdamW's moment coefficients.
+        warmup_fraction: Share of all optimiser steps spent warming up linearly from 0.
+        min_lr_ratio: Learning rate at the end of the cosine, as a share of ``lr``.
+        label_smoothing: Label smoothing of the cross-entropy.
+        init_from: A weights file (timm ViT ``.safetensors``/``.pth`` or a checkpoint of
+            this project) to start fitting from; positions are resampled to this image size
+            and a head of another class count is re-initialised.
+        data_spec: What the model needs to know of its data; linked from ``data.spec``.
+    """
+
+    def __init__(
+        self,
+        variant: str = "tiny",
+        *,
+        embed_dim: int | None = None,
+        depth: int | None = None,
+        num_heads: int | None = None,
+        mlp_ratio: float | None = None,
+        patch_size: int = 4,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.1,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_fraction: float = 0.05,
+        min_lr_ratio: float = 0.01,
+        label_smoothing: float = 0.1,
+        init_from: str | None = None,
+        data_spec: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if data_spec is None:
+            raise ValueError("Classifier needs data_spec: pass a data module's .spec.")
+        self.save_hyperparameters()
+        self.net = build_model(
+            data_spec, variant=variant, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+            mlp_ratio=mlp_ratio, patch_size=patch_size, drop_rate=drop_rate,
+            attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate,
+        )
+        num_classes = self.net.num_classes
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self._initialised_from_file = False
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.hparams.data_spec["class_names"]
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.net(inputs)
+
+    def setup(self, stage: str) -> None:
+        # Runs before a resumed checkpoint is restored, so init_from never overwrites it.
+        if stage == "fit" and self.hparams.init_from and not self._initialised_from_file:
+            fresh = load_into(self.net, self.hparams.init_from)
+            self._initialised_from_file = True
+            note = f", re-initialised {', '.join(fresh)}" if fresh else ""
+            print(f"initialised from {self.hparams.init_from}{note}")
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metric: MulticlassAccuracy):
+        inputs, labels = batch
+        logits = self.net(inputs)
+        smoothing = self.hparams.label_smoothing if stage == "train" else 0.0
+        loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
+        if stage == "train" and not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite training loss ({loss.item()}) at step {self.global_step}: lower "
+                f"--model.lr or raise the warmup; the last good checkpoint is kept."
+            )
+        metric(logits.argmax(dim=-1), labels)
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True,
+                 batch_size=len(labels), sync_dist=not on_step)
+        self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train", self.train_acc)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val", self.val_acc)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test", self.test_acc)
+
+    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        inputs, labels = batch
+        probs = self.net(inputs).softmax(dim=-1)
+        return {"probs": probs, "preds": probs.argmax(dim=-1), "labels": labels}
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        no_decay = {"pos_embed", "cls_token"}
+        decay, keep = [], []
+        for name, param in self.net.named_parameters():
+            if not param.requires_grad:
+                continue
+            (keep if param.ndim < 2 or name in no_decay else decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay},
+             {"params": keep, "weight_decay": 0.0}],
+            lr=self.hparams.lr, betas=tuple(self.hparams.betas),
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(total * self.hparams.warmup_fraction)
+        floor = self.hparams.min_lr_ratio
+
+        def lr_factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
