@@ -148,7 +148,13 @@ class ImageSource:
     def _decode_cifar10(self, split: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         from torchvision.datasets import CIFAR10
 
-        dataset = CIFAR10(str(self.batches_dir.parent), train=split == "train", download=False)
+        try:
+            dataset = CIFAR10(str(self.batches_dir.parent), train=split == "train", download=False)
+        except RuntimeError as err:  # torchvision's md5 check of the batch files failed
+            raise DataNotFoundError(
+                f"{self.batches_dir} is incomplete or corrupted ({err}). Delete it and download "
+                f"again with --data.download true, or point --data.root at another copy."
+            ) from None
         images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
         if image_size != images.shape[-1]:
             images = torch.nn.functional.interpolate(

@@ -6,43 +6,13 @@ import math
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import Timer
 import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from vit.checkpoint import load_into
-from vit.model import ImageClassifier, TextClassifier, TokenClassifier, encoder_config
-
-
-def build_model(
-    data_spec: dict[str, Any],
-    *,
-    variant: str = "tiny",
-    embed_dim: int | None = None,
-    depth: int | None = None,
-    num_heads: int | None = None,
-    mlp_ratio: float | None = None,
-    patch_size: int = 4,
-    drop_rate: float = 0.0,
-    attn_drop_rate: float = 0.0,
-    drop_path_rate: float = 0.0,
-) -> TokenClassifier:
-    """The image or text classifier that ``data_spec`` (a data module's ``spec``) calls for."""
-    encoder = encoder_config(
-        variant, embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio
-    )
-    common = dict(
-        num_classes=len(data_spec["class_names"]), encoder=encoder, drop_rate=drop_rate,
-        attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate,
-    )
-    if data_spec["modality"] == "image":
-        return ImageClassifier(image_size=data_spec["image_size"], patch_size=patch_size, **common)
-    if data_spec["modality"] == "text":
-        return TextClassifier(
-            vocab_size=data_spec["vocab_size"], max_length=data_spec["max_length"],
-            pad_id=data_spec["pad_id"], **common,
-        )
-    raise ValueError(f"unknown modality {data_spec['modality']!r} in the data spec.")
+from vit.model import build_model
 
 
 class Classifier(L.LightningModule):
@@ -62,7 +32,8 @@ class Classifier(L.LightningModule):
         weight_decay: AdamW decay, applied to weight matrices only (not to norms, biases,
             positional embeddings or the CLS token).
         betas: AdamW's moment coefficients.
-        warmup_fraction: Share of all optimiser steps spent warming up linearly from 0.
+        warmup_fraction: Share of the run spent warming up linearly from 0. The run's length
+            is its optimiser steps, or its ``--trainer.max_time`` when that ends it first.
         min_lr_ratio: Learning rate at the end of the cosine, as a share of ``lr``.
         label_smoothing: Label smoothing of the cross-entropy.
         init_from: A weights file (timm ViT ``.safetensors``/``.pth`` or a checkpoint of
@@ -166,13 +137,20 @@ class Classifier(L.LightningModule):
             lr=self.hparams.lr, betas=tuple(self.hparams.betas),
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(total * self.hparams.warmup_fraction)
-        floor = self.hparams.min_lr_ratio
+        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
+        warmup, floor = self.hparams.warmup_fraction, self.hparams.min_lr_ratio
 
         def lr_factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            # Progress through the run: steps, or wall time under --trainer.max_time when that
+            # ends first, so a time-bounded run still completes its warmup and cosine decay.
+            progress = step / total
+            remaining = timer.time_remaining("train") if timer is not None else None
+            if remaining is not None:
+                elapsed = timer.time_elapsed("train")
+                progress = max(progress, elapsed / max(elapsed + remaining, 1e-9))
+            if warmup > 0 and progress < warmup:
+                return max(progress, 1 / total) / warmup
+            progress = min(1.0, (progress - warmup) / (1 - warmup))
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)

@@ -1,0 +1,155 @@
+"""The image data module: folder and CIFAR layouts, the uint8 cache, batched augmentation, errors."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vit.augment import normalize, random_crop, random_hflip
+from vit.data import DataNotFoundError, ImageDataModule, ImageSource
+
+
+def make_folder(root: Path, classes: dict[str, int], split: str = "train", size=(40, 30), mode="RGB") -> None:
+    rng = np.random.default_rng(0)
+    for name, count in classes.items():
+        (root / split / name).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            array = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(array).convert(mode).save(root / split / name / f"{i}.png")
+
+
+def test_bundled_sample_decodes_to_uint8_with_split(sample_root: Path) -> None:
+    dm = ImageDataModule(str(sample_root), download=False, val_fraction=0.1)
+    dm.setup("fit")
+    assert dm.class_names[:3] == ["airplane", "automobile", "bird"] and dm.num_classes == 10
+    train, val, test = dm.splits["train"], dm.splits["val"], dm.splits["test"]
+    assert (len(train), len(val), len(test)) == (900, 100, 200)
+    assert train.images.dtype == torch.uint8 and train.images.shape[1:] == (3, 32, 32)
+    assert torch.bincount(test.labels).tolist() == [20] * 10
+
+
+def test_second_setup_reads_the_cache_not_the_images(sample_root: Path, tmp_path: Path, monkeypatch) -> None:
+    ImageDataModule(str(sample_root), download=False, cache_dir=str(tmp_path)).setup("fit")
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2  # train and test
+    monkeypatch.setattr(ImageSource, "decode", lambda *a, **k: pytest.fail("decoded again"))
+    dm = ImageDataModule(str(sample_root), download=False, cache_dir=str(tmp_path))
+    dm.setup("fit")
+    assert len(dm.splits["train"]) == 900
+
+
+def test_cache_key_changes_when_a_file_changes(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    make_folder(root, {"a": 2, "b": 2})
+    source = ImageSource(root)
+    before = source.fingerprint("train", 32)
+    make_folder(root, {"a": 3})
+    assert ImageSource(root).fingerprint("train", 32) != before
+
+
+def test_folders_of_any_size_and_mode_become_rgb_at_image_size(tmp_path: Path) -> None:
+    make_folder(tmp_path, {"cats": 3}, size=(50, 20), mode="L")
+    make_folder(tmp_path, {"dogs": 3}, size=(8, 8), mode="RGBA")
+    make_folder(tmp_path, {"cats": 1, "dogs": 1}, split="test", size=(64, 64), mode="P")
+    dm = ImageDataModule(str(tmp_path), download=False, image_size=24, val_fraction=0.0,
+                         cache_dir=str(tmp_path / "cache"))
+    dm.setup("fit")
+    assert dm.class_names == ["cats", "dogs"]
+    assert dm.splits["train"].images.shape == (6, 3, 24, 24)
+    assert dm.splits["test"].images.shape == (2, 3, 24, 24)
+
+
+def test_cifar_batches_folder_is_read(tmp_path: Path, monkeypatch) -> None:
+    batches = tmp_path / "cifar-10-batches-py"
+    batches.mkdir()
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        data = rng.integers(0, 255, (4, 3072), dtype=np.uint8)
+        with open(batches / name, "wb") as f:
+            pickle.dump({"data": data, "labels": [0, 1, 2, 3]}, f)
+    with open(batches / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog",
+                                      "frog", "horse", "ship", "truck"]}, f)
+    import torchvision.datasets.cifar as tv_cifar
+
+    with pytest.raises(DataNotFoundError, match="incomplete or corrupted"):  # md5s are checked
+        ImageDataModule(str(tmp_path), download=False, cache_dir=None).setup("fit")
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *a: True)  # not the official bytes
+    for root in (tmp_path, batches):  # the folder holding the batches, or the batches folder
+        dm = ImageDataModule(str(root), download=False, val_fraction=0.0, cache_dir=None)
+        dm.setup("fit")
+        assert dm.splits["train"].images.shape == (20, 3, 32, 32)
+        assert dm.splits["test"].labels.tolist() == [0, 1, 2, 3]
+
+
+def test_missing_data_without_network_says_how_to_point_at_a_copy(tmp_path: Path, monkeypatch) -> None:
+    import torchvision.datasets.utils as tv_utils
+
+    def offline(*args, **kwargs):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(tv_utils, "download_url", offline)
+    dm = ImageDataModule(str(tmp_path / "nowhere"), download=True)
+    with pytest.raises(DataNotFoundError, match=r"download failed.*Point --data.root at a local copy.*cifar-10-batches-py"):
+        dm.prepare_data()
+    with pytest.raises(DataNotFoundError, match="found no train/ folder.*--data.download true"):
+        ImageDataModule(str(tmp_path / "nowhere"), download=False)
+
+
+def test_class_folders_that_differ_between_train_and_test_are_named(tmp_path: Path) -> None:
+    make_folder(tmp_path, {"cats": 1, "dogs": 1})
+    make_folder(tmp_path, {"cats": 1, "birds": 1}, split="test")
+    with pytest.raises(ValueError, match=r"only in train: \['dogs'\], only in test: \['birds'\]"):
+        ImageDataModule(str(tmp_path), download=False)
+
+
+def test_unreadable_training_file_is_skipped_with_a_warning(tmp_path: Path, capsys) -> None:
+    make_folder(tmp_path, {"a": 2, "b": 2})
+    (tmp_path / "train" / "a" / "broken.jpg").write_bytes(b"not a jpeg")
+    dm = ImageDataModule(str(tmp_path), download=False, val_fraction=0.0, cache_dir=None)
+    dm.setup("fit")
+    assert len(dm.splits["train"]) == 4
+    assert "broken.jpg" in capsys.readouterr().out
+
+
+def test_random_crop_moves_pixels_per_sample_and_keeps_content() -> None:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(1, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    crops = random_crop(images, padding=2, generator=g)
+    assert crops.shape == images.shape and crops.dtype == torch.uint8
+    moved = [not torch.equal(c, i) for c, i in zip(crops, images)]
+    assert 0 < sum(moved) < 64  # offsets differ per image; (2, 2) leaves an image in place
+    for crop, image in zip(crops, images):  # each crop is a shifted window of its own image
+        padded = torch.nn.functional.pad(image, (2, 2, 2, 2))
+        assert any(torch.equal(padded[:, y:y + 8, x:x + 8], crop) for y in range(5) for x in range(5))
+
+
+def test_random_hflip_mirrors_some_images_exactly() -> None:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 4, 4), dtype=torch.uint8)
+    flipped = random_hflip(images, generator=g)
+    mirrored = [torch.equal(f, i.flip(-1)) for f, i in zip(flipped, images)]
+    same = [torch.equal(f, i) for f, i in zip(flipped, images)]
+    assert all(m or s for m, s in zip(mirrored, same)) and 10 < sum(mirrored) < 54
+
+
+def test_training_batches_are_augmented_and_labels_stay_with_their_images(sample_root: Path) -> None:
+    dm = ImageDataModule(str(sample_root), download=False, batch_size=32)
+    dm.setup("fit")
+
+    class Training:  # stands in for a Trainer in its training loop
+        training = True
+
+    dm.trainer = Training()
+    images, labels = next(iter(dm.train_dataloader()))
+    augmented, same_labels = dm.on_after_batch_transfer((images, labels), 0)
+    assert same_labels is labels and augmented.dtype == torch.float32
+    plain = normalize(images, dm.mean, dm.std)
+    assert not torch.allclose(augmented, plain)
+    lookup = {bytes(img.numpy()): int(lbl) for img, lbl in zip(dm.splits["train"].images, dm.splits["train"].labels)}
+    assert [lookup[bytes(img.numpy())] for img in images] == labels.tolist()

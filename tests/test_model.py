@@ -1,0 +1,99 @@
+"""The image model is a real ViT: timm's weights give timm's logits; shapes, gradients, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from vit.embed import resample_pos_embed
+from vit.model import VARIANTS, EncoderConfig, ImageClassifier, encoder_config
+
+SMALL = EncoderConfig(embed_dim=48, depth=2, num_heads=3, mlp_ratio=2.0)
+
+
+def timm_twin(image_size: int, patch_size: int, num_classes: int, cfg: EncoderConfig) -> VisionTransformer:
+    return VisionTransformer(
+        img_size=image_size, patch_size=patch_size, num_classes=num_classes,
+        embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
+    ).eval()
+
+
+@pytest.mark.parametrize("image_size,patch_size", [(32, 4), (32, 8), (48, 16)])
+def test_timm_weights_give_timm_logits(image_size: int, patch_size: int) -> None:
+    theirs = timm_twin(image_size, patch_size, 10, SMALL)
+    with torch.no_grad():  # non-trivial values everywhere, not timm's near-zero init
+        for p in theirs.parameters():
+            p.normal_(0, 0.2)
+    ours = ImageClassifier(image_size=image_size, patch_size=patch_size, num_classes=10, encoder=SMALL).eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    images = torch.randn(4, 3, image_size, image_size)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(images), theirs(images))
+
+
+def test_padding_mask_keeps_padded_keys_out_of_image_model() -> None:
+    model = ImageClassifier(image_size=32, patch_size=8, num_classes=5, encoder=SMALL).eval()
+    images = torch.randn(2, 3, 32, 32)
+    no_mask = torch.zeros(2, 16, dtype=torch.bool)
+    torch.testing.assert_close(model(images, no_mask), model(images))
+
+
+def test_every_parameter_receives_a_gradient() -> None:
+    model = ImageClassifier(image_size=32, patch_size=4, num_classes=10, encoder=SMALL)
+    model(torch.randn(2, 3, 32, 32)).logsumexp(-1).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+@pytest.mark.parametrize("image_size,patch_size", [(32, 4), (32, 2), (64, 8), (96, 16), (28, 7)])
+def test_output_and_token_shapes(image_size: int, patch_size: int) -> None:
+    model = ImageClassifier(image_size=image_size, patch_size=patch_size, num_classes=7, encoder=SMALL)
+    num_patches = (image_size // patch_size) ** 2
+    images = torch.randn(3, 3, image_size, image_size)
+    assert model.patch_embed(images).shape == (3, num_patches, SMALL.embed_dim)
+    assert model.forward_features(images).shape == (3, 1 + num_patches, SMALL.embed_dim)
+    assert model(images).shape == (3, 7)
+
+
+def test_patch_size_that_does_not_divide_image_size_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match=r"patch_size=5 does not divide image_size=32.*1, 2, 4, 8, 16, 32"):
+        ImageClassifier(image_size=32, patch_size=5, num_classes=10, encoder=SMALL)
+
+
+def test_heads_that_do_not_divide_width_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="num_heads=5 does not divide embed_dim=48"):
+        ImageClassifier(image_size=32, patch_size=4, num_classes=10,
+                        encoder=EncoderConfig(embed_dim=48, depth=1, num_heads=5, mlp_ratio=2.0))
+
+
+def test_wrong_input_size_names_the_sizes() -> None:
+    model = ImageClassifier(image_size=32, patch_size=4, num_classes=10, encoder=SMALL)
+    with pytest.raises(ValueError, match=r"expected images of 32x32 pixels, got \(64, 64\)"):
+        model(torch.randn(1, 3, 64, 64))
+
+
+def test_linear_patch_embedding_is_one_linear_map_per_flattened_patch() -> None:
+    model = ImageClassifier(image_size=8, patch_size=4, num_classes=2, encoder=SMALL)
+    images = torch.randn(2, 3, 8, 8)
+    patches = images.unfold(2, 4, 4).unfold(3, 4, 4)  # (B, C, gh, gw, P, P)
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(2, 4, 3 * 4 * 4)  # (B, N, C*P*P)
+    proj = model.patch_embed.proj
+    expected = patches @ proj.weight.reshape(SMALL.embed_dim, -1).T + proj.bias
+    torch.testing.assert_close(model.patch_embed(images), expected)
+
+
+def test_variants_build_and_overrides_apply() -> None:
+    for name in VARIANTS:
+        cfg = encoder_config(name)
+        assert cfg == VARIANTS[name]
+    assert encoder_config("tiny", depth=3).depth == 3
+    with pytest.raises(ValueError, match="unknown variant 'huge'.*nano"):
+        encoder_config("huge")
+
+
+def test_resampled_positions_keep_cls_and_match_timm_at_the_new_size() -> None:
+    theirs = timm_twin(32, 4, 10, SMALL)
+    resampled = resample_pos_embed(theirs.pos_embed.detach(), grid_size=12)
+    assert resampled.shape == (1, 1 + 144, SMALL.embed_dim)
+    torch.testing.assert_close(resampled[:, :1], theirs.pos_embed[:, :1].detach())

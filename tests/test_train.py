@@ -1,0 +1,79 @@
+"""Training end to end through the CLI on the bundled sample, and starting from timm weights."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from timm.models.vision_transformer import VisionTransformer
+
+from vit.checkpoint import CheckpointError, load_weights_file
+from vit.cli import main
+from vit.lit import Classifier
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_FIT = [
+    "--config", str(REPO / "configs" / "quickstart.yaml"),
+    "--model.variant", "nano",
+    "--trainer.max_epochs", "1",
+    "--trainer.limit_train_batches", "4",
+    "--trainer.limit_val_batches", "2",
+    "--trainer.limit_test_batches", "2",
+    "--trainer.enable_progress_bar", "false",
+]
+
+
+def fit(tmp_path: Path, *extra: str):
+    return main(["fit", *TINY_FIT, "--trainer.default_root_dir", str(tmp_path / "runs"), *extra])
+
+
+def test_fit_a_few_steps_writes_checkpoints_logs_config_and_tests(tmp_path: Path) -> None:
+    cli = fit(tmp_path)
+    trainer = cli.trainer
+    assert trainer.global_step == 4
+    run = Path(trainer.log_dir)
+    assert (run / "config.yaml").is_file()
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert any(r.get("val/acc") for r in rows) and any(r.get("test/acc") for r in rows)
+    assert "test/acc" in trainer.callback_metrics
+
+    # the checkpoint describes its data: no config is needed to rebuild the model
+    model = Classifier.load_from_checkpoint(run / "checkpoints" / "last.ckpt", map_location="cpu")
+    assert model.class_names[0] == "airplane" and model.hparams.data_spec["image_size"] == 32
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    torch.testing.assert_close(model.net.head.weight, state["state_dict"]["net.head.weight"])
+
+
+def test_init_from_timm_safetensors_at_another_image_size(tmp_path: Path) -> None:
+    timm_model = VisionTransformer(img_size=16, patch_size=4, num_classes=100, embed_dim=64,
+                                   depth=2, num_heads=2, mlp_ratio=2.0)
+    path = tmp_path / "timm_vit.safetensors"
+    save_file(timm_model.state_dict(), path)
+    cli = main(["fit", *TINY_FIT, "--trainer.default_root_dir", str(tmp_path / "runs"),
+                "--model.init_from", str(path), "--trainer.limit_train_batches", "0",
+                "--trainer.limit_val_batches", "0", "--test_after_fit", "false"])
+    net = cli.model.net  # 32x32 images: 8x8 grid resampled from timm's 4x4; 10-class head fresh
+    assert net.pos_embed.shape == (1, 65, 64)
+    torch.testing.assert_close(net.blocks[1].mlp.fc2.weight, timm_model.blocks[1].mlp.fc2.weight)
+    torch.testing.assert_close(net.cls_token, timm_model.cls_token)
+
+
+def test_weights_of_another_shape_are_refused_clearly(tmp_path: Path) -> None:
+    timm_model = VisionTransformer(img_size=32, patch_size=8, num_classes=10, embed_dim=32, depth=1, num_heads=2)
+    path = tmp_path / "other.pth"
+    torch.save({"model": timm_model.state_dict()}, path)
+    assert "cls_token" in load_weights_file(path)
+    with pytest.raises(CheckpointError, match=r"do not fit this model.*patch_embed.proj.weight"):
+        fit(tmp_path, "--model.init_from", str(path))
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00garbage"])
+def test_corrupt_weights_file_names_the_file(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "broken.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="broken.ckpt"):
+        load_weights_file(path)
