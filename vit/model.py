@@ -9,6 +9,7 @@ follow timm's ``VisionTransformer`` (``patch_embed``, ``cls_token``, ``pos_embed
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -225,3 +226,34 @@ class TextClassifier(TokenClassifier):
         else:
             padding_mask = padding_mask[:, 1:]
         return self.token_embed(ids), padding_mask
+
+
+def build_model(
+    data_spec: dict[str, Any],
+    *,
+    variant: str = "tiny",
+    embed_dim: int | None = None,
+    depth: int | None = None,
+    num_heads: int | None = None,
+    mlp_ratio: float | None = None,
+    patch_size: int = 4,
+    drop_rate: float = 0.0,
+    attn_drop_rate: float = 0.0,
+    drop_path_rate: float = 0.0,
+) -> TokenClassifier:
+    """The image or text classifier that ``data_spec`` (a data module's ``spec``) calls for."""
+    encoder = encoder_config(
+        variant, embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio
+    )
+    common = dict(
+        num_classes=len(data_spec["class_names"]), encoder=encoder, drop_rate=drop_rate,
+        attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate,
+    )
+    if data_spec["modality"] == "image":
+        return ImageClassifier(image_size=data_spec["image_size"], patch_size=patch_size, **common)
+    if data_spec["modality"] == "text":
+        return TextClassifier(
+            vocab_size=data_spec["vocab_size"], max_length=data_spec["max_length"],
+            pad_id=data_spec["pad_id"], **common,
+        )
+    raise ValueError(f"unknown modality {data_spec['modality']!r} in the data spec.")
