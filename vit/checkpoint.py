@@ -1,4 +1,9 @@
-"""Loading weights safely, and fitting a state dict from elsewhere onto a model.
+"""Loading weights safely, fitting a state dict onto a model, and self-describing models.
+
+A training checkpoint (``train.py``'s ``.ckpt``) and a deployment bundle (a folder of
+``config.json``, ``model.safetensors`` and, for text, ``tokenizer.json``) both carry what
+inference needs: architecture, class names, preprocessing and tokenizer. ``load_saved_model``
+reads either into a ``SavedModel``; ``save_bundle`` writes the bundle.
 
 Nothing here unpickles arbitrary objects: ``.safetensors`` files are read by safetensors,
 everything else by ``torch.load(weights_only=True)``, which refuses code-running pickles.
@@ -6,19 +11,67 @@ everything else by ``torch.load(weights_only=True)``, which refuses code-running
 
 from __future__ import annotations
 
+import json
 import pickle
+import re
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from vit.embed import resample_pos_embed
-from vit.model import ImageClassifier, TokenClassifier
+from vit.model import ImageClassifier, TokenClassifier, build_model, encoder_config
+
+BUNDLE_CONFIG = "config.json"
+BUNDLE_WEIGHTS = "model.safetensors"
+BUNDLE_TOKENIZER = "tokenizer.json"
+BUNDLE_FORMAT = "vit-classifier"
+BUNDLE_VERSION = 1
+# What each modality's data spec must hold besides "modality" and "class_names".
+SPEC_KEYS = {
+    "image": ("image_size", "mean", "std"),
+    "text": ("vocab_size", "max_length", "pad_id"),
+}
 
 
 class CheckpointError(ValueError):
     """A weights file is missing, corrupt, unsafe, or does not fit the model."""
+
+
+def _check_file(path: Path) -> None:
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a weights file.")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file.")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty.")
+
+
+def torch_load_safely(path: str | Path) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, every failure a ``CheckpointError``.
+
+    Only tensors and plain Python data are rebuilt; a pickle that would import anything else
+    (and so could run code) is refused before it runs.
+    """
+    path = Path(path).expanduser()
+    _check_file(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        blocked = re.search(r"GLOBAL (\S+)", str(err))
+        if blocked:
+            raise CheckpointError(
+                f"{path}: refused to load, the file asks to import {blocked.group(1)}, which "
+                f"could run code; only tensors and plain data are loaded. Only use files you "
+                f"trust, and prefer .safetensors."
+            ) from None
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (unreadable as one).") from None
+    except Exception as err:  # a foreign or damaged file can fail in any of torch's readers
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason}).") from None
 
 
 def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -28,22 +81,14 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     ``{"model": ...}`` or ``{"state_dict": ...}`` wrapper (timm, torchvision) is unwrapped.
     """
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such weights file.")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: the file is empty.")
-    try:
-        if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors":
+        _check_file(path)
+        try:
             state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"{path}: refused to load, the file holds objects other than tensors and plain "
-            f"data ({str(err).splitlines()[0]}). Only load files you trust, and prefer .safetensors."
-        ) from None
-    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: not a readable weights file ({err}).") from None
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointError(f"{path}: not a readable weights file ({err}).") from None
+    else:
+        state = torch_load_safely(path)
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -94,3 +139,153 @@ def load_into(model: TokenClassifier, path: str | Path) -> list[str]:
     state, fresh = fit_state_dict(load_weights_file(path), model)
     model.load_state_dict(state, strict=False)
     return fresh
+
+
+@dataclass
+class SavedModel:
+    """A trained classifier together with everything needed to feed it and read its output."""
+
+    model: TokenClassifier  # in eval mode, on the CPU
+    spec: dict[str, Any]  # the data module's spec: modality, class names, preprocessing
+    architecture: dict[str, Any]  # build_model's keyword arguments, every field resolved
+    tokenizer_json: str | None  # the text tokenizer, serialised; None for image models
+
+    def config(self) -> dict[str, Any]:
+        """The bundle's ``config.json``: architecture, class names and preprocessing."""
+        preprocessing = {k: v for k, v in self.spec.items() if k not in ("modality", "class_names")}
+        return {
+            "format": BUNDLE_FORMAT,
+            "format_version": BUNDLE_VERSION,
+            "modality": self.spec["modality"],
+            "class_names": list(self.spec["class_names"]),
+            "architecture": dict(self.architecture),
+            "preprocessing": preprocessing,
+        }
+
+
+def _checked_spec(spec: Any, source: Path) -> dict[str, Any]:
+    if not isinstance(spec, dict) or spec.get("modality") not in SPEC_KEYS:
+        raise CheckpointError(
+            f"{source}: no model description with a known modality (image or text) inside; "
+            f"pass a checkpoint written by train.py or a bundle written by vit.export."
+        )
+    needed = ("class_names", *SPEC_KEYS[spec["modality"]])
+    missing = [key for key in needed if key not in spec]
+    if missing or not spec["class_names"]:
+        raise CheckpointError(
+            f"{source}: the model description lacks {', '.join(missing) or 'class names'}; "
+            f"retrain with this version of train.py or export the bundle again."
+        )
+    return spec
+
+
+def _build(
+    spec: dict[str, Any], architecture: dict[str, Any], state: dict[str, torch.Tensor],
+    tokenizer_json: str | None, source: Path,
+) -> SavedModel:
+    if spec["modality"] == "text" and tokenizer_json is None:
+        raise CheckpointError(
+            f"{source}: a text model without its tokenizer; retrain with this version of "
+            f"train.py, or export it from the training checkpoint again."
+        )
+    try:
+        model = build_model(spec, **architecture)
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"{source}: cannot rebuild the model it describes "
+            f"({str(err).splitlines()[0]}); export the bundle again or retrain."
+        ) from None
+    return SavedModel(model.eval(), spec, architecture, tokenizer_json)
+
+
+def _read_lightning_checkpoint(path: Path) -> SavedModel:
+    checkpoint = torch_load_safely(path)
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not isinstance(hparams, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise CheckpointError(
+            f"{path}: not a training checkpoint of this project (no hyper_parameters and "
+            f"state_dict); pass a .ckpt written by train.py or a bundle written by vit.export."
+        )
+    spec = _checked_spec(hparams.get("data_spec"), path)
+    try:
+        encoder = encoder_config(
+            hparams.get("variant", "tiny"),
+            **{k: hparams.get(k) for k in ("embed_dim", "depth", "num_heads", "mlp_ratio")},
+        )
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    architecture = {
+        "variant": hparams.get("variant", "tiny"), **asdict(encoder),
+        "patch_size": hparams.get("patch_size", 4),
+    }
+    prefix = "net."
+    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    return _build(spec, architecture, state, checkpoint.get("tokenizer"), path)
+
+
+def _read_bundle(folder: Path) -> SavedModel:
+    config_path = folder / BUNDLE_CONFIG
+    if not config_path.is_file():
+        raise CheckpointError(
+            f"{folder}: a folder without {BUNDLE_CONFIG}; pass a bundle written by vit.export."
+        )
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{config_path}: not readable JSON ({err}).") from None
+    if not isinstance(config, dict) or config.get("format") != BUNDLE_FORMAT:
+        raise CheckpointError(f"{config_path}: not a {BUNDLE_FORMAT} bundle config.")
+    if config.get("format_version") != BUNDLE_VERSION:
+        raise CheckpointError(
+            f"{config_path}: bundle format version {config.get('format_version')!r}, this "
+            f"version of vit reads {BUNDLE_VERSION}; export the bundle again."
+        )
+    spec = _checked_spec(
+        {"modality": config.get("modality"), "class_names": config.get("class_names"),
+         **config.get("preprocessing", {})},
+        config_path,
+    )
+    weights = folder / BUNDLE_WEIGHTS
+    _check_file(weights)
+    try:
+        state = load_file(weights)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({err}).") from None
+    tokenizer_path = folder / BUNDLE_TOKENIZER
+    tokenizer_json = tokenizer_path.read_text(encoding="utf-8") if tokenizer_path.is_file() else None
+    return _build(spec, dict(config.get("architecture", {})), state, tokenizer_json, folder)
+
+
+def load_saved_model(path: str | Path) -> SavedModel:
+    """Read a training checkpoint (``.ckpt``) or an exported bundle folder, safely.
+
+    Raises:
+        CheckpointError: the path is missing, corrupt, unsafe, or not a model of this project.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return _read_bundle(path)
+    if path.name == BUNDLE_CONFIG:
+        return _read_bundle(path.parent)
+    if path.suffix == ".safetensors":
+        raise CheckpointError(
+            f"{path}: bare weights, without class names or preprocessing; pass the bundle "
+            f"folder that holds it (written by vit.export) or the training checkpoint."
+        )
+    return _read_lightning_checkpoint(path)
+
+
+def save_bundle(saved: SavedModel, out_dir: str | Path) -> list[Path]:
+    """Write ``saved`` as a deployment bundle into ``out_dir``; returns the files written."""
+    out_dir = Path(out_dir).expanduser()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config_path, weights = out_dir / BUNDLE_CONFIG, out_dir / BUNDLE_WEIGHTS
+    state = {k: v.detach().contiguous() for k, v in saved.model.state_dict().items()}
+    save_file(state, weights, metadata={"format": BUNDLE_FORMAT})
+    config_path.write_text(json.dumps(saved.config(), indent=2) + "\n", encoding="utf-8")
+    written = [config_path, weights]
+    if saved.tokenizer_json is not None:
+        (out_dir / BUNDLE_TOKENIZER).write_text(saved.tokenizer_json, encoding="utf-8")
+        written.append(out_dir / BUNDLE_TOKENIZER)
+    return written

@@ -1,0 +1,273 @@
+"""The classify script and the Predictor API: inputs of every kind, bad inputs, bad checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import struct
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vit.checkpoint import CheckpointError, load_saved_model
+from vit.classify import main
+from vit.predictor import Prediction, Predictor
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(capsys: pytest.CaptureFixture, *argv: str | Path) -> tuple[int, str, list[str]]:
+    """Exit status, stdout, and the non-empty stderr lines of one ``vit.classify`` run."""
+    status = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, [line for line in err.splitlines() if line.strip()]
+
+
+def random_image(size: tuple[int, int] = (40, 30), seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def decompression_bomb(path: Path) -> Path:
+    """A tiny PNG whose header claims 30000 x 30000 pixels."""
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    data[16:24] = struct.pack(">II", 30000, 30000)  # IHDR width and height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_paths_pil_images_and_tensors_give_the_same_predictions(image_checkpoint: Path, tmp_path: Path) -> None:
+    predictor = Predictor.load(image_checkpoint, device="cpu")
+    image = random_image((32, 32))
+    image.save(tmp_path / "x.png")
+    pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # (3, 32, 32) uint8
+    results = predictor.classify(
+        [tmp_path / "x.png", str(tmp_path / "x.png"), image, pixels, pixels.float() / 255], top_k=3
+    )
+    assert all(r == results[0] for r in results)
+    assert len(results[0]) == 3 and isinstance(results[0][0], Prediction)
+    assert results[0][0].label in predictor.class_names
+    assert results[0][0].probability >= results[0][1].probability >= results[0][2].probability
+    assert predictor.classify(image, top_k=50)[0] == predictor.classify([image], top_k=10)[0]
+    assert len(predictor.classify(torch.stack([pixels] * 3))) == 3
+
+
+def test_probabilities_match_the_model_on_normalised_pixels(image_checkpoint: Path) -> None:
+    saved = load_saved_model(image_checkpoint)
+    predictor = Predictor(saved, device="cpu")
+    pixels = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    mean = torch.tensor(saved.spec["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(saved.spec["std"]).view(1, 3, 1, 1)
+    expected = saved.model((pixels / 255 - mean) / std).softmax(-1)
+    torch.testing.assert_close(predictor.probabilities(pixels), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_image_tensors_of_the_wrong_shape_or_type_are_refused(image_checkpoint: Path) -> None:
+    predictor = Predictor.load(image_checkpoint, device="cpu")
+    with pytest.raises(ValueError, match=r"\(3, H, W\) or \(1, H, W\), got shape \(4, 32, 32\)"):
+        predictor.classify(torch.zeros(4, 32, 32))
+    with pytest.raises(ValueError, match="uint8 in \\[0, 255\\] or float in \\[0, 1\\], got torch.int32"):
+        predictor.classify(torch.zeros(3, 32, 32, dtype=torch.int32))
+    with pytest.raises(ValueError, match="this model classifies images, not texts"):
+        predictor.encode_text("a film")
+
+
+def test_images_of_any_size_and_mode_are_classified(image_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "images"
+    (folder / "nested").mkdir(parents=True)
+    base = random_image((64, 48))
+    base.convert("L").save(folder / "grey.png")
+    base.convert("RGBA").save(folder / "rgba.png")
+    base.convert("P").save(folder / "palette.gif")
+    base.convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray((np.asarray(base.convert("L"), dtype=np.uint16) * 257)).save(folder / "deep16.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    base.save(folder / "nested" / "rotated.jpg", exif=exif)
+    base.resize((7, 300)).save(folder / "nested" / "thin.bmp")
+    (folder / "README.txt").write_text("not an image, and not named: skipped in folders")
+    status, out, err = run(capsys, image_checkpoint, folder, "--format", "csv", "--top-k", "1")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert status == 0 and err == []
+    assert sorted(Path(r["input"]).name for r in rows) == [
+        "cmyk.jpg", "deep16.png", "grey.png", "palette.gif", "rgba.png", "rotated.jpg", "thin.bmp"]
+
+
+def test_exif_rotation_is_applied_before_resizing(image_checkpoint: Path, tmp_path: Path) -> None:
+    predictor = Predictor.load(image_checkpoint, device="cpu")
+    base = random_image((64, 40), seed=3)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    base.save(tmp_path / "tagged.png", exif=exif)
+    upright = base.transpose(Image.Transpose.ROTATE_270)
+    torch.testing.assert_close(predictor.image_tensor(tmp_path / "tagged.png"), predictor.image_tensor(upright))
+
+
+def test_each_bad_input_gets_one_line_and_the_rest_are_classified(
+    image_checkpoint: Path, tmp_path: Path, capsys
+) -> None:
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    random_image().save(folder / "good.png")
+    random_image(seed=1).save(folder / "also_good.jpg")
+    (folder / "zero.png").write_bytes(b"")
+    (folder / "text.jpg").write_text("this is not an image")
+    good_bytes = (folder / "also_good.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(good_bytes[: len(good_bytes) // 3])
+    decompression_bomb(folder / "bomb.png")
+    (tmp_path / "notes.txt").write_text("an unsupported file, named explicitly")
+    status, out, err = run(
+        capsys, image_checkpoint, folder, tmp_path / "notes.txt", tmp_path / "missing.png",
+        str(tmp_path / "nowhere" / "*.png"), "--format", "json",
+    )
+    assert status == 1
+    assert sorted(Path(r["input"]).name for r in json.loads(out)) == ["also_good.jpg", "good.png"]
+    expected = {
+        "zero.png": "empty file", "text.jpg": "not an image", "truncated.jpg": "cannot decode",
+        "bomb.png": "too many pixels", "notes.txt": "not an image", "missing.png": "no such file",
+        "*.png": "no file matches this pattern",
+    }
+    assert len(err) == len(expected), err
+    for name, reason in expected.items():
+        assert sum(name in line and reason in line for line in err) == 1, (name, err)
+    assert all(line.startswith("error: ") for line in err)
+
+
+def test_all_good_inputs_exit_zero_in_every_format(image_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    for i in range(3):
+        random_image(seed=i).save(tmp_path / f"{i}.png")
+    pattern = str(tmp_path / "*.png")
+    status, out, err = run(capsys, image_checkpoint, pattern, "--format", "table", "--top-k", "2")
+    assert status == 0 and err == []
+    lines = out.splitlines()
+    assert len(lines) == 3 and all(len(line.split()) == 1 + 2 * 2 for line in lines)
+    status, out, _ = run(capsys, image_checkpoint, pattern, "--format", "csv", "--top-k", "99")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert status == 0 and len(rows) == 3 * 10  # top-k capped at the ten classes
+    assert {r["rank"] for r in rows} == {str(k) for k in range(1, 11)}
+    status, out, _ = run(capsys, image_checkpoint, pattern, "--output", tmp_path / "out.json",
+                         "--format", "json", "--batch-size", "2")
+    records = json.loads((tmp_path / "out.json").read_text())
+    assert status == 0 and out == "" and len(records) == 3
+    assert [len(r["predictions"]) for r in records] == [5, 5, 5]
+
+
+def test_many_inputs_show_progress_on_stderr_and_keep_stdout_clean(
+    image_checkpoint: Path, tmp_path: Path, capsys
+) -> None:
+    for i in range(12):
+        random_image((8, 8), seed=i).save(tmp_path / f"{i:02d}.png")
+    status, out, err = run(capsys, image_checkpoint, tmp_path, "--format", "json", "--batch-size", "5")
+    assert status == 0 and len(json.loads(out)) == 12
+    assert any("12/12" in line for line in err)
+
+
+def test_image_model_given_texts_is_one_clear_error(image_checkpoint: Path, capsys) -> None:
+    status, out, err = run(capsys, image_checkpoint, "--text", "a film")
+    assert status == 2 and out == ""
+    assert err == [f"error: {image_checkpoint} is an image classifier, given --text/--text-file: "
+                   f"pass image files, folders or glob patterns."]
+
+
+def test_corrupt_and_foreign_checkpoints_are_one_clear_error(
+    image_checkpoint: Path, tmp_path: Path, capsys
+) -> None:
+    random_image().save(tmp_path / "image.png")
+    data = image_checkpoint.read_bytes()
+    (tmp_path / "truncated.ckpt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    (tmp_path / "photo.ckpt").write_bytes((tmp_path / "image.png").read_bytes())
+    torch.save({"model": {"w": torch.zeros(2)}}, tmp_path / "weights.pth")
+    (tmp_path / "folder").mkdir()
+    cases = {
+        "truncated.ckpt": "not a readable PyTorch checkpoint",
+        "empty.ckpt": "the file is empty",
+        "photo.ckpt": "not a PyTorch checkpoint",
+        "weights.pth": "not a training checkpoint of this project",
+        "missing.ckpt": "no such file",
+        "folder": "a folder without config.json",
+    }
+    for name, reason in cases.items():
+        status, out, err = run(capsys, tmp_path / name, tmp_path / "image.png")
+        assert status == 2 and out == "", name
+        assert len(err) == 1 and err[0].startswith(f"error: {tmp_path / name}") and reason in err[0], err
+
+
+class RunsACommand:
+    """Unpickling this calls os.system: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_whose_pickle_runs_a_command_is_refused(
+    image_checkpoint: Path, tmp_path: Path, capsys
+) -> None:
+    marker = tmp_path / "command-ran"
+    checkpoint = torch.load(image_checkpoint, weights_only=True)
+    checkpoint["hyper_parameters"]["payload"] = RunsACommand(marker)
+    evil = tmp_path / "evil.ckpt"
+    torch.save(checkpoint, evil)
+    with pytest.raises(CheckpointError, match=r"refused to load.*import (posix|nt)\.system"):
+        Predictor.load(evil)
+    random_image().save(tmp_path / "a.png")
+    status, out, err = run(capsys, evil, tmp_path / "a.png")
+    assert status == 2 and out == "" and len(err) == 1 and "refused to load" in err[0]
+    assert not marker.exists()
+
+
+def test_unavailable_device_is_one_clear_error(image_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    random_image().save(tmp_path / "a.png")
+    status, _, err = run(capsys, image_checkpoint, tmp_path / "a.png", "--device", "tpu:7")
+    assert status == 2 and err == ["error: unknown device 'tpu:7': use auto, cpu, cuda or cuda:N."]
+    if not torch.cuda.is_available():
+        status, _, err = run(capsys, image_checkpoint, tmp_path / "a.png", "--device", "cuda")
+        assert status == 2 and "has no CUDA GPU: use cpu" in err[0]
+
+
+def test_a_trained_checkpoint_classifies_the_test_split_as_train_test_scores_it(
+    tmp_path: Path, sample_root: Path, capsys
+) -> None:
+    from vit.cli import main as train
+
+    cli = train([
+        "fit", "--config", str(REPO / "configs" / "quickstart.yaml"), "--model.variant", "nano",
+        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
+        "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+        "--trainer.default_root_dir", str(tmp_path / "runs"),
+    ])
+    test_acc = cli.trainer.callback_metrics["test/acc"].item()
+    capsys.readouterr()
+    checkpoint = Path(cli.trainer.checkpoint_callback.best_model_path)
+    status, out, _ = run(capsys, checkpoint, sample_root / "test", "--format", "csv", "--top-k", "1")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert status == 0 and len(rows) == 200
+    accuracy = np.mean([Path(r["input"]).parent.name == r["label"] for r in rows])
+    assert accuracy == pytest.approx(test_acc, abs=1e-6)
+
+
+def test_module_runs_as_a_script(image_checkpoint: Path, tmp_path: Path) -> None:
+    import subprocess
+
+    random_image().save(tmp_path / "a.png")
+    done = subprocess.run(
+        [sys.executable, "-m", "vit.classify", str(image_checkpoint), str(tmp_path / "a.png"),
+         str(tmp_path / "b.png"), "--top-k", "1", "--format", "csv"],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert done.returncode == 1
+    assert done.stdout.splitlines()[1].startswith(f"{tmp_path / 'a.png'},1,")
+    assert done.stderr.strip() == f"error: {tmp_path / 'b.png'}: no such file or folder"
