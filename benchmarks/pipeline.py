@@ -1,0 +1,122 @@
+"""The training data pipeline against torchvision's, and the epoch overhead of ours.
+
+    python -m benchmarks.pipeline --root ../shared/data/cifar10-jpeg --batches 100
+
+1. Images/s of training batches, ready on the device (augmented, normalised float): this
+   project's decoded uint8 cache with batched crop and flip, against torchvision's
+   ``ImageFolder`` with per-sample ``RandomCrop(padding=4)``, ``RandomHorizontalFlip``,
+   ``ToTensor`` and ``Normalize`` through a ``DataLoader`` (``--workers`` processes).
+   Interleaved repeats, median, ratio.
+2. Epoch overhead: the wall time of ``--batches`` training steps fed by the pipeline, divided
+   by the time of the same model steps on one batch already in memory, minus one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torchvision import datasets, transforms
+
+from vit.data import CIFAR10_MEAN, CIFAR10_STD, ImageDataModule
+from vit.model import ImageClassifier, encoder_config
+
+
+class _Training:
+    """Stands in for a Trainer in its training loop, so the data module augments."""
+
+    training = True
+
+
+def ours_batches(dm: ImageDataModule):
+    for batch in dm.train_dataloader():
+        yield dm.on_after_batch_transfer(batch, 0)
+
+
+def torchvision_batches(root: str, batch_size: int, workers: int):
+    transform = transforms.Compose([
+        transforms.RandomCrop(32, padding=4),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD),
+    ])
+    folder = datasets.ImageFolder(f"{root}/train", transform=transform)
+    loader = DataLoader(folder, batch_size=batch_size, shuffle=True, num_workers=workers,
+                        drop_last=True, persistent_workers=workers > 0)
+    while True:
+        yield from loader
+
+
+def rate(batches, n: int, batch_size: int) -> float:
+    start = time.perf_counter()
+    for _ in itertools.islice(batches, n):
+        pass
+    return n * batch_size / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", default="data/cifar10-sample")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batches", type=int, default=50, help="batches per timed repeat")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2, help="torchvision DataLoader workers")
+    parser.add_argument("--variant", default="tiny", help="model for the epoch-overhead part")
+    args = parser.parse_args()
+
+    dm = ImageDataModule(args.root, download=False, batch_size=args.batch_size)
+    dm.setup("fit")  # decodes once, or reads the cache
+    dm.trainer = _Training()
+
+    def ours_forever():
+        while True:
+            yield from ours_batches(dm)
+
+    streams = {"ours": ours_forever(), "torchvision": torchvision_batches(args.root, args.batch_size, args.workers)}
+    for stream in streams.values():  # warm up: workers started, caches hot
+        rate(stream, 3, args.batch_size)
+    rates: dict[str, list[float]] = {name: [] for name in streams}
+    for _ in range(args.repeats):
+        for name, stream in streams.items():
+            rates[name].append(rate(stream, args.batches, args.batch_size))
+    median = {name: statistics.median(r) for name, r in rates.items()}
+    print(f"pipeline, {args.root}, batch {args.batch_size}, median of {args.repeats} interleaved "
+          f"repeats of {args.batches} batches; torchvision with {args.workers} workers")
+    print("| pipeline | images/s |\n|---|---|")
+    for name, value in median.items():
+        print(f"| {name} | {value:.0f} |")
+    print(f"ours / torchvision: {median['ours'] / median['torchvision']:.1f}")
+
+    model = ImageClassifier(image_size=32, patch_size=4, num_classes=dm.num_classes,
+                            encoder=encoder_config(args.variant))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+
+    fixed = next(ours_batches(dm))
+    n = min(args.batches, len(dm.train_dataloader()))
+    fed, alone = [], []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        for images, labels in itertools.islice(ours_batches(dm), n):
+            step(images, labels)
+        fed.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for _ in range(n):
+            step(*fixed)
+        alone.append(time.perf_counter() - start)
+    overhead = statistics.median(f / a for f, a in zip(fed, alone)) - 1
+    print(f"epoch overhead ({args.variant}, {n} steps): {100 * overhead:.1f} % "
+          f"(fed {statistics.median(fed):.2f} s vs model alone {statistics.median(alone):.2f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Training and inference throughput of this project's ViT against timm's, same shape and batch.
+
+    python -m benchmarks.throughput --variants tiny small --repeats 5
+
+Both models get identical weights. Each repeat times ``--steps`` steps of ours, then of timm's
+(interleaved, so that the machine's noise hits both alike); the median images/s of each and
+their ratio are printed, with the achieved GFLOP/s of a training step against this machine's
+fp32 matmul rate measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from torch.utils.flop_counter import FlopCounterMode
+
+from vit.model import ImageClassifier, encoder_config
+
+
+def matmul_gflops(size: int = 1024, repeats: int = 20) -> float:
+    """This machine's fp32 matrix-multiply rate: the ceiling for a transformer step."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(3):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def make_pair(variant: str, image_size: int, patch_size: int) -> tuple[ImageClassifier, VisionTransformer]:
+    cfg = encoder_config(variant)
+    ours = ImageClassifier(image_size=image_size, patch_size=patch_size, num_classes=10, encoder=cfg)
+    theirs = VisionTransformer(
+        img_size=image_size, patch_size=patch_size, num_classes=10, embed_dim=cfg.embed_dim,
+        depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
+    )
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+def train_step_fn(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+
+    return step
+
+
+def infer_step_fn(model: torch.nn.Module, images: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        with torch.inference_mode():
+            model(images)
+
+    return step
+
+
+def step_flops(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, int]:
+    """FLOPs of one training step (forward and backward) and of one inference pass."""
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(images), labels).backward()
+    model.zero_grad(set_to_none=True)
+    with FlopCounterMode(display=False) as forward_only, torch.no_grad():
+        model(images)
+    return {"train": counter.get_total_flops(), "infer": forward_only.get_total_flops()}
+
+
+def interleaved_rates(
+    steps: dict[str, Callable[[], None]], batch: int, n_steps: int, repeats: int, warmup: int
+) -> dict[str, float]:
+    """Median images/s of each step function, timed in alternation."""
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    rates: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, fn in steps.items():
+            start = time.perf_counter()
+            for _ in range(n_steps):
+                fn()
+            rates[name].append(batch * n_steps / (time.perf_counter() - start))
+    return {name: statistics.median(r) for name, r in rates.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", nargs="+", default=["tiny", "small"])
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--patch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=5, help="steps per timed repeat")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="torch.compile our model (not timm's)")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    peak = matmul_gflops()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"fp32 matmul {peak:.1f} GFLOP/s (measured now)")
+    print(f"batch {args.batch_size}, {args.image_size}x{args.image_size}, patch {args.patch_size}, "
+          f"median of {args.repeats} interleaved repeats of {args.steps} steps"
+          + (", ours compiled" if args.compile else ""))
+    print("| variant | mode | ours img/s | timm img/s | ours / timm | ours GFLOP/s | % of matmul |")
+    print("|---|---|---|---|---|---|---|")
+    for variant in args.variants:
+        ours, theirs = make_pair(variant, args.image_size, args.patch_size)
+        images = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
+        labels = torch.randint(0, 10, (args.batch_size,))
+        flops = step_flops(ours, images, labels)
+        if args.compile:
+            ours.compile()
+        for mode in ("train", "infer"):
+            models = {"ours": ours, "timm": theirs}
+            if mode == "train":
+                for m in models.values():
+                    m.train()
+                fns = {n: train_step_fn(m, images, labels) for n, m in models.items()}
+            else:
+                for m in models.values():
+                    m.eval()
+                fns = {n: infer_step_fn(m, images) for n, m in models.items()}
+            rates = interleaved_rates(fns, args.batch_size, args.steps, args.repeats, warmup=2)
+            achieved = rates["ours"] * flops[mode] / args.batch_size / 1e9
+            print(f"| {variant} | {mode} | {rates['ours']:.0f} | {rates['timm']:.0f} | "
+                  f"{rates['ours'] / rates['timm']:.2f} | {achieved:.1f} | {100 * achieved / peak:.0f} % |")
+
+
+if __name__ == "__main__":
+    main()
