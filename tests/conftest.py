@@ -44,3 +44,17 @@ def image_checkpoint(tmp_path: Path) -> Path:
     spec = {"modality": "image", "class_names": CIFAR10_CLASSES, "image_size": 32,
             "mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD)}
     return save_checkpoint(tmp_path / "image.ckpt", spec)
+
+
+@pytest.fixture
+def text_checkpoint(tmp_path: Path) -> Path:
+    """A two-class text checkpoint with a word tokenizer of max_length 12."""
+    from vit.tokenizer import TextTokenizer
+
+    texts = ["a gripping and moving film", "dull , slow and far too long", "great acting",
+             "the plot makes no sense", "warm funny and clever", "i want my money back"]
+    tokenizer = TextTokenizer.train(texts, "word", vocab_size=64, max_length=12)
+    spec = {"modality": "text", "class_names": ["negative", "positive"],
+            "vocab_size": tokenizer.vocab_size, "max_length": tokenizer.max_length,
+            "pad_id": tokenizer.pad_id, "tokenizer_kind": tokenizer.kind}
+    return save_checkpoint(tmp_path / "text.ckpt", spec, tokenizer.to_json())

@@ -172,6 +172,56 @@ def test_many_inputs_show_progress_on_stderr_and_keep_stdout_clean(
     assert any("12/12" in line for line in err)
 
 
+def test_texts_and_text_files_with_empty_lines_are_reported_one_by_one(
+    text_checkpoint: Path, tmp_path: Path, capsys
+) -> None:
+    (tmp_path / "reviews.txt").write_text("great acting\n   \na plot that makes no sense\n")
+    status, out, err = run(
+        capsys, text_checkpoint, "--text", "warm and clever", "--text", "", "--text-file",
+        tmp_path / "reviews.txt", "--text-file", tmp_path / "absent.txt", "--format", "json",
+        "--top-k", "5",
+    )
+    assert status == 1
+    records = json.loads(out)
+    assert [r["input"] for r in records] == ["warm and clever", "great acting", "a plot that makes no sense"]
+    assert all(len(r["predictions"]) == 2 for r in records)  # top-k capped at two classes
+    assert len(err) == 3
+    assert any(line.startswith("error: --text 2: empty") for line in err)
+    assert any(line.startswith(f"error: {tmp_path / 'reviews.txt'}:2: empty") for line in err)
+    assert any("absent.txt: no such text file" in line for line in err)
+
+
+def test_long_texts_are_truncated_with_a_note(text_checkpoint: Path, capsys) -> None:
+    status, out, err = run(capsys, text_checkpoint, "--text", "great " * 40, "--format", "csv")
+    assert status == 0 and len(out.splitlines()) == 1 + 2
+    assert err == ["note: 1 text(s) longer than max_length=12 tokens were truncated."]
+
+
+def test_text_predictor_pads_batches_without_changing_answers(text_checkpoint: Path) -> None:
+    predictor = Predictor.load(text_checkpoint, device="cpu")
+    texts = ["great acting", "dull , slow and far too long and the plot makes no sense"]
+    together = predictor.classify(texts, top_k=2)
+    alone = [predictor.classify(t, top_k=2)[0] for t in texts]
+    for a, b in zip(together, alone):
+        assert [p.label for p in a] == [p.label for p in b]
+        np.testing.assert_allclose([p.probability for p in a], [p.probability for p in b], atol=1e-6)
+    with pytest.raises(ValueError, match="empty or only whitespace"):
+        predictor.classify([" \t "])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["IMAGES"], "is a text classifier, given 1 file argument(s): pass texts with --text"),
+    ([], "nothing to classify: pass texts with --text or --text-file"),
+])
+def test_text_model_given_images_is_one_clear_error(
+    text_checkpoint: Path, tmp_path: Path, capsys, argv: list[str], message: str
+) -> None:
+    random_image().save(tmp_path / "a.png")
+    argv = [str(tmp_path) if a == "IMAGES" else a for a in argv]
+    status, out, err = run(capsys, text_checkpoint, *argv)
+    assert status == 2 and out == "" and len(err) == 1 and message in err[0]
+
+
 def test_image_model_given_texts_is_one_clear_error(image_checkpoint: Path, capsys) -> None:
     status, out, err = run(capsys, image_checkpoint, "--text", "a film")
     assert status == 2 and out == ""
@@ -201,6 +251,18 @@ def test_corrupt_and_foreign_checkpoints_are_one_clear_error(
         status, out, err = run(capsys, tmp_path / name, tmp_path / "image.png")
         assert status == 2 and out == "", name
         assert len(err) == 1 and err[0].startswith(f"error: {tmp_path / name}") and reason in err[0], err
+
+
+def test_text_checkpoint_without_a_readable_tokenizer_is_refused(text_checkpoint: Path, tmp_path: Path) -> None:
+    checkpoint = torch.load(text_checkpoint, weights_only=True)
+    checkpoint["tokenizer"] = "{not a tokenizer"
+    torch.save(checkpoint, tmp_path / "torn.ckpt")
+    del checkpoint["tokenizer"]
+    torch.save(checkpoint, tmp_path / "bare.ckpt")
+    with pytest.raises(CheckpointError, match="torn.ckpt: the stored tokenizer is unreadable"):
+        Predictor.load(tmp_path / "torn.ckpt")
+    with pytest.raises(CheckpointError, match="bare.ckpt: a text model without its tokenizer"):
+        Predictor.load(tmp_path / "bare.ckpt")
 
 
 class RunsACommand:

@@ -51,6 +51,17 @@ def test_image_bundle_gives_the_checkpoints_predictions(image_checkpoint: Path, 
     assert torch.equal(Predictor.load(bundle / "config.json", device="cpu").probabilities(pixels), from_checkpoint)
 
 
+def test_text_bundle_carries_the_tokenizer(text_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    bundle = tmp_path / "bundle"
+    assert export([str(text_checkpoint), str(bundle)]) == 0
+    capsys.readouterr()
+    assert (bundle / "tokenizer.json").read_text() == torch.load(text_checkpoint, weights_only=True)["tokenizer"]
+    assert set(json.loads((bundle / "config.json").read_text())["preprocessing"]) == {
+        "vocab_size", "max_length", "pad_id", "tokenizer_kind"}
+    argv = ["--text", "great acting", "--text", "the plot makes no sense at all", "--format", "csv"]
+    assert classify_output(capsys, bundle, *argv) == classify_output(capsys, text_checkpoint, *argv)
+
+
 def test_a_bundle_exports_again_unchanged(image_checkpoint: Path, tmp_path: Path) -> None:
     assert export([str(image_checkpoint), str(tmp_path / "a")]) == 0
     assert export([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
@@ -58,7 +69,7 @@ def test_a_bundle_exports_again_unchanged(image_checkpoint: Path, tmp_path: Path
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
-@pytest.mark.parametrize("checkpoint", ["image_checkpoint"])
+@pytest.mark.parametrize("checkpoint", ["image_checkpoint", "text_checkpoint"])
 def test_onnx_graph_matches_pytorch_at_any_batch_size(
     checkpoint: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:

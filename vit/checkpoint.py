@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from vit.embed import resample_pos_embed
 from vit.model import ImageClassifier, TokenClassifier, build_model, encoder_config
+from vit.tokenizer import TextTokenizer
 
 BUNDLE_CONFIG = "config.json"
 BUNDLE_WEIGHTS = "model.safetensors"
@@ -148,7 +149,7 @@ class SavedModel:
     model: TokenClassifier  # in eval mode, on the CPU
     spec: dict[str, Any]  # the data module's spec: modality, class names, preprocessing
     architecture: dict[str, Any]  # build_model's keyword arguments, every field resolved
-    tokenizer_json: str | None  # the text tokenizer, serialised; None for image models
+    tokenizer: TextTokenizer | None  # the text tokenizer; None for image models
 
     def config(self) -> dict[str, Any]:
         """The bundle's ``config.json``: architecture, class names and preprocessing."""
@@ -183,11 +184,17 @@ def _build(
     spec: dict[str, Any], architecture: dict[str, Any], state: dict[str, torch.Tensor],
     tokenizer_json: str | None, source: Path,
 ) -> SavedModel:
-    if spec["modality"] == "text" and tokenizer_json is None:
-        raise CheckpointError(
-            f"{source}: a text model without its tokenizer; retrain with this version of "
-            f"train.py, or export it from the training checkpoint again."
-        )
+    tokenizer = None
+    if spec["modality"] == "text":
+        if tokenizer_json is None:
+            raise CheckpointError(
+                f"{source}: a text model without its tokenizer; retrain with this version of "
+                f"train.py, or export it from the training checkpoint again."
+            )
+        try:
+            tokenizer = TextTokenizer.from_json(tokenizer_json)
+        except ValueError as err:
+            raise CheckpointError(f"{source}: the stored tokenizer is unreadable: {err}") from None
     try:
         model = build_model(spec, **architecture)
         model.load_state_dict(state)
@@ -196,7 +203,7 @@ def _build(
             f"{source}: cannot rebuild the model it describes "
             f"({str(err).splitlines()[0]}); export the bundle again or retrain."
         ) from None
-    return SavedModel(model.eval(), spec, architecture, tokenizer_json)
+    return SavedModel(model.eval(), spec, architecture, tokenizer)
 
 
 def _read_lightning_checkpoint(path: Path) -> SavedModel:
@@ -285,7 +292,7 @@ def save_bundle(saved: SavedModel, out_dir: str | Path) -> list[Path]:
     save_file(state, weights, metadata={"format": BUNDLE_FORMAT})
     config_path.write_text(json.dumps(saved.config(), indent=2) + "\n", encoding="utf-8")
     written = [config_path, weights]
-    if saved.tokenizer_json is not None:
-        (out_dir / BUNDLE_TOKENIZER).write_text(saved.tokenizer_json, encoding="utf-8")
+    if saved.tokenizer is not None:
+        saved.tokenizer.save(out_dir / BUNDLE_TOKENIZER)
         written.append(out_dir / BUNDLE_TOKENIZER)
     return written

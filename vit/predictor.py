@@ -21,6 +21,7 @@ from PIL import Image
 from vit.augment import normalize
 from vit.checkpoint import SavedModel, load_saved_model
 from vit.imageio import load_image, resize_and_center_crop, to_rgb
+from vit.tokenizer import is_blank
 
 ImageInput = Image.Image | torch.Tensor | str | Path
 
@@ -58,11 +59,7 @@ class Predictor:
         self.spec = saved.spec
         self.device = resolve_device(device)
         self.model = saved.model.to(self.device).eval()
-        self.tokenizer = None
-        if self.modality == "text":
-            from vit.tokenizer import TextTokenizer
-
-            self.tokenizer = TextTokenizer.from_json(saved.tokenizer_json)
+        self.tokenizer = saved.tokenizer
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = "auto") -> Predictor:
@@ -134,7 +131,7 @@ class Predictor:
         self._expect("text")
         if not isinstance(text, str):
             raise TypeError(f"cannot classify a {type(text).__name__} with a text model: pass strings.")
-        if not text.strip():
+        if is_blank(text):
             raise ValueError("empty or only whitespace: give it at least one visible character.")
         ids, truncated = self.tokenizer.encode_batch([text])
         return ids[0], truncated > 0
