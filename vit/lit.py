@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -66,6 +68,12 @@ class Classifier(L.LightningModule):
         super().__init__()
         if data_spec is None:
             raise ValueError("Classifier needs data_spec: pass a data module's .spec.")
+        # The tokenizer travels in the checkpoint and as tokenizer.json, not in hparams.yaml.
+        # Taken out in place: under the CLI, save_hyperparameters reads the linked dict itself,
+        # whose tokenizer JSON the CLI may already have parsed into a dict.
+        tokenizer = data_spec.pop("tokenizer", None)
+        self.tokenizer_json: str | None = \
+            json.dumps(tokenizer, ensure_ascii=False) if isinstance(tokenizer, dict) else tokenizer
         self.save_hyperparameters()
         self.net = build_model(
             data_spec, variant=variant, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
@@ -84,6 +92,19 @@ class Classifier(L.LightningModule):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.net(inputs)
+
+    def on_fit_start(self) -> None:
+        if self.tokenizer_json is not None and self.trainer.is_global_zero and self.trainer.log_dir:
+            path = Path(self.trainer.log_dir) / "tokenizer.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(self.tokenizer_json, encoding="utf-8")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.tokenizer_json is not None:
+            checkpoint["tokenizer"] = self.tokenizer_json
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.tokenizer_json = checkpoint.get("tokenizer", self.tokenizer_json)
 
     def setup(self, stage: str) -> None:
         # Runs before a resumed checkpoint is restored, so init_from never overwrites it.

@@ -1,0 +1,194 @@
+"""Text mode: the shared encoder, padding invariance, the TSV/CSV data module, a short SST-2 fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vit.attention import Attention
+from vit.cli import main
+from vit.data import DataNotFoundError
+from vit.encoder import Block, Encoder
+from vit.lit import Classifier
+from vit.model import ImageClassifier, TextClassifier, TokenClassifier, encoder_config
+from vit.text_data import TextDataModule
+from vit.tokenizer import TextTokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+SST2 = REPO / "data" / "sst2"
+VOCAB, MAX_LENGTH, PAD, CLS, SEP = 40, 16, 0, 2, 3
+
+
+def text_model() -> TextClassifier:
+    torch.manual_seed(0)
+    return TextClassifier(vocab_size=VOCAB, max_length=MAX_LENGTH, pad_id=PAD, num_classes=3,
+                          encoder=encoder_config("nano")).eval()
+
+
+MODEL = text_model()
+
+
+def test_image_and_text_models_run_the_same_encoder_code() -> None:
+    image = ImageClassifier(image_size=16, patch_size=8, num_classes=3, encoder=encoder_config("nano"))
+    text = text_model()
+    assert type(image.blocks) is type(text.blocks) is Encoder
+    assert {type(block) for block in [*image.blocks, *text.blocks]} == {Block}
+    assert type(image).forward_features is type(text).forward_features is TokenClassifier.forward_features
+    seen: list[tuple[Attention, bool]] = []
+    original = Attention.forward
+
+    def spy(self: Attention, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        seen.append((self, padding_mask is not None))
+        return original(self, x, padding_mask)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Attention, "forward", spy)
+        image(torch.randn(2, 3, 16, 16))
+        text(torch.tensor([[CLS, 7, 8, SEP, PAD]]))
+    image_calls = [masked for module, masked in seen if any(module is b.attn for b in image.blocks)]
+    text_calls = [masked for module, masked in seen if any(module is b.attn for b in text.blocks)]
+    assert image_calls == [False, False] and text_calls == [True, True]  # 2 blocks each
+
+
+@st.composite
+def padded_batches(draw: st.DrawFn) -> torch.Tensor:
+    """(B, T) ids: [CLS] tokens [SEP], padded with [PAD] to the longest row."""
+    rows = draw(st.lists(st.lists(st.integers(5, VOCAB - 1), min_size=1, max_size=10),
+                         min_size=1, max_size=4))
+    longest = max(len(row) for row in rows) + 2
+    return torch.tensor([[CLS, *row, SEP] + [PAD] * (longest - len(row) - 2) for row in rows])
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(ids=padded_batches(), extra=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_padding_changes_no_logit(ids: torch.Tensor, extra: int, seed: int) -> None:
+    with torch.no_grad():
+        logits = MODEL(ids)
+        more_padding = MODEL(F.pad(ids, (0, extra), value=PAD))
+        padding = ids == PAD
+        noise = torch.randint(5, VOCAB, ids.shape, generator=torch.Generator().manual_seed(seed))
+        other_ids_under_padding = MODEL(torch.where(padding, noise, ids), padding)
+    torch.testing.assert_close(more_padding, logits)
+    torch.testing.assert_close(other_ids_under_padding, logits)
+
+
+def write(path: Path, lines: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def sst2_slice(root: Path, train: int = 300, dev: int = 60, test: int = 60) -> Path:
+    """The first rows of each bundled SST-2 split, header included."""
+    for name, rows in (("train", train), ("dev", dev), ("test", test)):
+        lines = (SST2 / f"{name}.tsv").read_text(encoding="utf-8").splitlines()
+        write(root / f"{name}.tsv", lines[: rows + 1])
+    return root
+
+
+def test_sst2_slice_gives_spec_and_batches_padded_to_their_longest(tmp_path: Path) -> None:
+    root = sst2_slice(tmp_path / "sst2")
+    data = TextDataModule(str(root), class_names=["negative", "positive"], tokenizer_kind="word",
+                          vocab_size=500, max_length=32, batch_size=16)
+    spec = data.spec
+    assert spec["modality"] == "text" and spec["class_names"] == ["negative", "positive"]
+    assert (spec["pad_id"], spec["max_length"], spec["tokenizer_kind"]) == (0, 32, "word")
+    assert TextTokenizer.from_json(spec["tokenizer"]).vocab_size == spec["vocab_size"] <= 500
+    assert [len(data.tables[s][0]) for s in ("train", "val", "test")] == [300, 60, 60]
+    lengths = set()
+    for ids, labels in data.train_dataloader():
+        assert ids.dtype == labels.dtype == torch.int64 and set(labels.tolist()) <= {0, 1}
+        assert (ids[:, 0] == data.tokenizer.cls_id).all()
+        assert (ids[:, -1] != PAD).any()  # no column of padding only
+        lengths.add(ids.shape[1])
+    assert len(lengths) > 1
+
+
+def test_string_labels_csv_quoting_and_held_out_validation(tmp_path: Path) -> None:
+    questions = [("what is a virus ?", "DESC"), ("who wrote hamlet ?", "HUM"),
+                 ("how many moons does mars have ?", "NUM"), ('what does "ok" mean, exactly ?', "DESC"),
+                 ("where is the eiffel tower ?", "LOC"), ("what is the fastest animal ?", "ENTY")] * 5
+    write(tmp_path / "q" / "train.csv", ["question,coarse"] + [f'"{q.replace(chr(34), 2 * chr(34))}",{c}'
+                                                                for q, c in questions])
+    write(tmp_path / "q" / "test.csv", ["coarse,question", "HUM,who painted the mona lisa ?",
+                                        "NUM,how old is the universe ?"])
+    data = TextDataModule(str(tmp_path / "q"), text_column="question", label_column="coarse",
+                          tokenizer_kind="bpe", vocab_size=200, val_fraction=0.2)
+    assert data.class_names == ["DESC", "ENTY", "HUM", "LOC", "NUM"]
+    assert 'what does "ok" mean, exactly ?' in data.tables["train"][0] + data.tables["val"][0]
+    assert (len(data.tables["train"][0]), len(data.tables["val"][0])) == (24, 6)
+    assert data.tables["test"][1].tolist() == [2, 4]
+    ids, labels = next(iter(data.test_dataloader()))
+    assert ids.shape[0] == 2 and labels.tolist() == [2, 4]
+
+
+def test_integer_labels_keep_their_numeric_order(tmp_path: Path) -> None:
+    rows = [f"{star}\tfilm number {i}" for i, star in enumerate([1, 2, 3, 4, 5, 10] * 3)]
+    write(tmp_path / "stars" / "train.tsv", ["label\tsentence"] + rows)
+    write(tmp_path / "stars" / "test.tsv", ["label\tsentence", "10\tgreat", "02\tpoor"])
+    data = TextDataModule(str(tmp_path / "stars"), tokenizer_kind="char", vocab_size=60)
+    assert data.class_names == ["1", "2", "3", "4", "5", "10"]
+    assert data.tables["test"][1].tolist() == [5, 1]
+
+
+def test_odd_rows_are_skipped_or_kept_with_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = tmp_path / "odd"
+    lines = ["label\tsentence", "1\ta fine film", "0\t   ", "1\ttoo\tmany", "\tno label",
+             "0\ta dull film", "1\t[CLS] a bold film [PAD]"]
+    (root).mkdir()
+    (root / "train.tsv").write_bytes(("\n".join(lines) + "\n").encode() + b"0\tna\xefve but bad\n")
+    write(root / "test.tsv", ["label\tsentence", "1\tfine"])
+    data = TextDataModule(str(root), tokenizer_kind="word", vocab_size=100, val_fraction=0)
+    out = capsys.readouterr().out
+    assert "1 line(s) hold bytes that are not UTF-8 (first on line 8)" in out
+    for reason in ("empty text (lines 3)", "wrong number of fields (lines 4)", "empty label (lines 5)"):
+        assert reason in out
+    texts = data.tables["train"][0]
+    assert texts == ["a fine film", "a dull film", "[CLS] a bold film [PAD]", "na\ufffdve but bad"]
+    ids, _ = data.tokenizer.encode_batch(texts[2:3])
+    assert ids[0].tolist().count(data.tokenizer.cls_id) == 1 and data.tokenizer.pad_id not in ids
+    with pytest.raises(DataNotFoundError, match="no validation texts"):
+        data.val_dataloader()
+
+
+def test_data_errors_name_the_file_and_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(DataNotFoundError, match="no train.tsv or train.csv"):
+        TextDataModule(str(tmp_path))
+    write(tmp_path / "a" / "train.tsv", ["label\ttext", "0\tbad", "1\tgood"])
+    with pytest.raises(ValueError, match=r"no column 'sentence'.*--data.text_column"):
+        TextDataModule(str(tmp_path / "a"))
+    write(tmp_path / "b" / "train.tsv", ["label\tsentence", "0\tbad", "1\tgood"])
+    write(tmp_path / "b" / "test.tsv", ["label\tsentence", "2\tugly"])
+    with pytest.raises(ValueError, match=r"test.tsv has labels \['2'\]"):
+        TextDataModule(str(tmp_path / "b"))
+    write(tmp_path / "c" / "train.tsv", ["label\tsentence", "0\tbad", "0\tworse"])
+    with pytest.raises(ValueError, match="at least two classes"):
+        TextDataModule(str(tmp_path / "c"))
+
+
+def test_a_few_steps_of_fit_on_sst2_keep_the_tokenizer_beside_the_checkpoints(tmp_path: Path) -> None:
+    cli = main([
+        "fit", "--config", str(REPO / "configs" / "sst2.yaml"),
+        "--data.root", str(sst2_slice(tmp_path / "sst2")), "--data.vocab_size", "600",
+        "--model.variant", "nano", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.default_root_dir", str(tmp_path / "runs"),
+    ])
+    assert cli.trainer.global_step == 4 and "test/acc" in cli.trainer.callback_metrics
+    run = Path(cli.trainer.log_dir)
+    saved = TextTokenizer.load(run / "tokenizer.json")
+    assert saved.to_json() == cli.datamodule.tokenizer.to_json() and saved.kind == "wordpiece"
+    hparams = yaml.safe_load((run / "hparams.yaml").read_text())
+    assert "tokenizer" not in hparams["data_spec"] and hparams["data_spec"]["vocab_size"] == saved.vocab_size
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert TextTokenizer.from_json(checkpoint["tokenizer"]).to_json() == saved.to_json()
+    model = Classifier.load_from_checkpoint(run / "checkpoints" / "last.ckpt", map_location="cpu")
+    assert model.tokenizer_json is not None and model.class_names == ["negative", "positive"]
+    ids, _ = saved.encode_batch(["a gorgeous , witty film", "[CLS] dull"])
+    assert model(ids).shape == (2, 2)
