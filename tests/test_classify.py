@@ -321,6 +321,36 @@ def test_a_trained_checkpoint_classifies_the_test_split_as_train_test_scores_it(
     assert accuracy == pytest.approx(test_acc, abs=1e-6)
 
 
+def test_a_trained_text_checkpoint_classifies_its_test_texts_as_train_test_scores_them(
+    tmp_path: Path, capsys
+) -> None:
+    from vit.cli import main as train
+
+    root = tmp_path / "sst2"
+    root.mkdir()
+    for split, rows in (("train", 300), ("dev", 40), ("test", 60)):
+        lines = (REPO / "data" / "sst2" / f"{split}.tsv").read_text(encoding="utf-8").splitlines()
+        (root / f"{split}.tsv").write_text("\n".join(lines[: rows + 1]) + "\n", encoding="utf-8")
+    cli = train([
+        "fit", "--config", str(REPO / "configs" / "sst2.yaml"), "--data.root", str(root),
+        "--data.vocab_size", "600", "--data.tokenizer_kind", "word", "--model.variant", "nano",
+        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+        "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+        "--trainer.default_root_dir", str(tmp_path / "runs"),
+    ])
+    test_acc = cli.trainer.callback_metrics["test/acc"].item()
+    capsys.readouterr()
+    rows = [line.split("\t") for line in (root / "test.tsv").read_text().splitlines()[1:]]
+    (tmp_path / "texts.txt").write_text("\n".join(sentence for _, sentence in rows) + "\n")
+    checkpoint = Path(cli.trainer.checkpoint_callback.best_model_path)
+    status, out, _ = run(capsys, checkpoint, "--text-file", tmp_path / "texts.txt",
+                         "--format", "json", "--top-k", "1")
+    predicted = [r["predictions"][0]["label"] for r in json.loads(out)]
+    truth = [["negative", "positive"][int(label)] for label, _ in rows]
+    assert status == 0 and len(predicted) == 60
+    assert np.mean([p == t for p, t in zip(predicted, truth)]) == pytest.approx(test_acc, abs=1e-6)
+
+
 def test_module_runs_as_a_script(image_checkpoint: Path, tmp_path: Path) -> None:
     import subprocess
 
