@@ -220,7 +220,11 @@ class TextTokenizer:
             raise FileNotFoundError(
                 f"{path}: no tokenizer file; training writes tokenizer.json into the run's folder."
             )
-        return cls.from_json(path.read_text(encoding="utf-8"))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not a tokenizer JSON file (not UTF-8 at byte {err.start}).") from None
+        return cls.from_json(text)
 
     @property
     def pad_id(self) -> int:
@@ -253,7 +257,8 @@ class TextTokenizer:
             The (B, T) int64 ids with T <= ``max_length``, and how many texts were truncated.
 
         Raises:
-            ValueError: A text is empty once whitespace and control characters are removed.
+            ValueError: A text is empty once whitespace and control characters are removed,
+                or is not valid Unicode.
         """
         if isinstance(texts, str):
             raise TypeError("encode_batch takes a list of texts, got one string: wrap it in a list.")
@@ -262,6 +267,13 @@ class TextTokenizer:
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"text {i} is a {type(text).__name__}, not a string: {text!r:.60}.")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise ValueError(
+                    f"text {i} is not valid Unicode (a lone surrogate at position {err.start}): "
+                    f"decode the input with errors='replace'."
+                ) from None
             if is_blank(text):
                 raise ValueError(
                     f"text {i} ({text!r:.60}) is empty once whitespace and control characters "
