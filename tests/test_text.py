@@ -167,6 +167,9 @@ def test_data_errors_name_the_file_and_the_fix(tmp_path: Path) -> None:
     write(tmp_path / "b" / "test.tsv", ["label\tsentence", "2\tugly"])
     with pytest.raises(ValueError, match=r"test.tsv has labels \['2'\]"):
         TextDataModule(str(tmp_path / "b"))
+    write(tmp_path / "q" / "train.csv", ["label,sentence", "0,bad", '1,"good' + " and long" * 20000])
+    with pytest.raises(ValueError, match=r"train.csv, line \d+: .*unclosed quote"):
+        TextDataModule(str(tmp_path / "q"))
     write(tmp_path / "c" / "train.tsv", ["label\tsentence", "0\tbad", "0\tworse"])
     with pytest.raises(ValueError, match="at least two classes"):
         TextDataModule(str(tmp_path / "c"))

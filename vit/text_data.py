@@ -67,19 +67,25 @@ class TextTable:
         self.labels: list[str] = []
         skipped: dict[str, list[int]] = {"wrong number of fields": [], "empty text": [],
                                          "empty label": []}
-        for row in rows:
-            line = rows.line_num
-            if not row:
-                continue
-            if len(row) != len(header):
-                skipped["wrong number of fields"].append(line)
-            elif is_blank(row[text_at]):
-                skipped["empty text"].append(line)
-            elif not row[label_at].strip():
-                skipped["empty label"].append(line)
-            else:
-                self.texts.append(row[text_at])
-                self.labels.append(row[label_at].strip())
+        try:
+            for row in rows:
+                line = rows.line_num
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    skipped["wrong number of fields"].append(line)
+                elif is_blank(row[text_at]):
+                    skipped["empty text"].append(line)
+                elif not row[label_at].strip():
+                    skipped["empty label"].append(line)
+                else:
+                    self.texts.append(row[text_at])
+                    self.labels.append(row[label_at].strip())
+        except csv.Error as err:  # e.g. a field over csv's size limit: an unclosed quote
+            raise ValueError(
+                f"{path}, line {rows.line_num}: {err}. Look for an unclosed quote or a runaway "
+                f"field there."
+            ) from None
         for reason, lines in skipped.items():
             if lines:
                 print(f"warning: {path}: skipped {len(lines)} row(s) with {reason} "
@@ -126,7 +132,9 @@ class LengthGroupedSampler(Sampler[int]):
             for mega in order.split(self.group * self.batch_size)
             for batch in mega[self.lengths[mega].argsort(descending=True, stable=True)].split(self.batch_size)
         ]
-        shuffled = torch.randperm(len(batches), generator=self.generator).tolist()
+        # The one short batch goes last, so that every batch the loader cuts is a whole one.
+        shuffled = sorted(torch.randperm(len(batches), generator=self.generator).tolist(),
+                          key=lambda i: len(batches[i]) < self.batch_size)
         return iter(torch.cat([batches[i] for i in shuffled]).tolist())
 
 
