@@ -118,6 +118,7 @@ def test_broken_bundles_are_one_clear_error(image_checkpoint: Path, tmp_path: Pa
         broken("torn", lambda f: (f / "model.safetensors").write_bytes(b"\x00" * 64)): "not a readable safetensors",
         broken("deeper", set_config(architecture={"variant": "nano", "depth": 3})): "cannot rebuild the model",
         broken("no_classes", set_config(class_names=[])): "lacks class names",
+        broken("flat", set_config(preprocessing=32)): "preprocessing missing or not a JSON object",
         good / "model.safetensors": "bare weights, without class names",
     }
     for path, message in cases.items():

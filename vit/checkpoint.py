@@ -248,9 +248,15 @@ def _read_bundle(folder: Path) -> SavedModel:
             f"{config_path}: bundle format version {config.get('format_version')!r}, this "
             f"version of vit reads {BUNDLE_VERSION}; export the bundle again."
         )
+    malformed = [k for k in ("architecture", "preprocessing") if not isinstance(config.get(k), dict)]
+    if malformed:
+        raise CheckpointError(
+            f"{config_path}: {' and '.join(malformed)} missing or not a JSON object; export "
+            f"the bundle again."
+        )
     spec = _checked_spec(
         {"modality": config.get("modality"), "class_names": config.get("class_names"),
-         **config.get("preprocessing", {})},
+         **config["preprocessing"]},
         config_path,
     )
     weights = folder / BUNDLE_WEIGHTS
@@ -261,7 +267,7 @@ def _read_bundle(folder: Path) -> SavedModel:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({err}).") from None
     tokenizer_path = folder / BUNDLE_TOKENIZER
     tokenizer_json = tokenizer_path.read_text(encoding="utf-8") if tokenizer_path.is_file() else None
-    return _build(spec, dict(config.get("architecture", {})), state, tokenizer_json, folder)
+    return _build(spec, config["architecture"], state, tokenizer_json, folder)
 
 
 def load_saved_model(path: str | Path) -> SavedModel:

@@ -288,9 +288,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             predictor, items, top_k=args.top_k, batch_size=args.batch_size,
             workers=args.workers, on_result=on_result, on_error=on_error,
         )
+        writer.close()
+    except BrokenPipeError:  # the reader (head, less) has gone: stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     finally:
         progress.close()
-        writer.close()
         if out is not sys.stdout:
             out.close()
     if truncated:
