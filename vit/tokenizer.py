@@ -286,7 +286,11 @@ class TextTokenizer:
     def tokens(self, text: str) -> list[str]:
         """The tokens of ``text`` as the model sees them, [CLS] first and [SEP] last."""
         ids, _ = self.encode_batch([text])
-        return [self._tokenizer.id_to_token(i) for i in ids[0].tolist()]
+        return self.id_tokens(ids[0].tolist())
+
+    def id_tokens(self, ids: Sequence[int]) -> list[str]:
+        """The token string of each id, special tokens included."""
+        return [self._tokenizer.id_to_token(i) for i in ids]
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``, special tokens ([UNK] among them) left out."""
