@@ -1,0 +1,194 @@
+"""The patch-versus-text comparison: attention capture, probes, costs and the report command."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from vit.attention_maps import attention_rollout, capture_attention
+from vit.compare import load_text_side, main, tokenization, train_tokenizers
+from vit.measure import (
+    EvalSet, accuracy, flops_per_sample, parameter_counts, positional_probes, positions_removed,
+    shuffle_tokens,
+)
+from vit.model import ImageClassifier, TextClassifier, encoder_config
+from vit.text_data import TextTable
+from vit.tokenizer import TextTokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+SST2 = REPO / "data" / "sst2"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared two-core machine this is several times faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def text_model() -> TextClassifier:
+    return TextClassifier(vocab_size=30, max_length=10, pad_id=0, num_classes=2,
+                          encoder=encoder_config("nano"))
+
+
+def image_model() -> ImageClassifier:
+    return ImageClassifier(image_size=16, patch_size=4, num_classes=3, encoder=encoder_config("nano"))
+
+
+def test_captured_attention_is_softmax_qk_and_what_sdpa_applied() -> None:
+    model = text_model().eval()
+    ids = torch.tensor([[2, 7, 8, 9, 10, 3], [2, 11, 12, 3, 0, 0]])
+    with capture_attention(model) as maps, torch.no_grad():
+        logits = model(ids)
+    assert len(maps) == len(model.blocks)
+    with torch.no_grad():
+        tokens, pad = model.embed_tokens(ids, None)
+        x = torch.cat([model.cls_token.expand(2, -1, -1), tokens], 1) + model.pos_embed[:, :6]
+        pad = torch.nn.functional.pad(pad, (1, 0), value=False)
+        for block, captured in zip(model.blocks, maps):
+            attn = block.attn
+            h = block.norm1(x)
+            b, n, d = h.shape
+            q, k, v = attn.qkv(h).view(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+            scores = q @ k.transpose(-1, -2) / math.sqrt(attn.head_dim)
+            reference = scores.masked_fill(pad[:, None, None, :], float("-inf")).softmax(-1)
+            torch.testing.assert_close(captured, reference)
+            applied = attn.proj((reference @ v).transpose(1, 2).reshape(b, n, d))
+            torch.testing.assert_close(applied, attn(h, pad), atol=1e-5, rtol=1e-4)  # fused SDPA path
+            x = block(x, pad)
+        assert captured[1, :, :, 4:].abs().max() == 0  # padding never attended to
+    torch.testing.assert_close(model(ids), logits)
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_rollout_rows_are_distributions_and_one_layer_is_half_identity() -> None:
+    weights = torch.rand(2, 3, 5, 5).softmax(-1)
+    rollout = attention_rollout([weights])
+    torch.testing.assert_close(rollout, 0.5 * (weights.mean(1) + torch.eye(5)))
+    two = attention_rollout([weights, weights.flip(-1)])
+    torch.testing.assert_close(two.sum(-1), torch.ones(2, 5))
+
+
+def test_shuffled_patches_are_a_permutation_and_order_free_without_positions() -> None:
+    model = image_model().eval()
+    images = torch.randn(4, 3, 16, 16)
+    shuffled = shuffle_tokens(model, images, torch.Generator().manual_seed(0))
+    patches = lambda x: x.unfold(2, 4, 4).unfold(3, 4, 4).reshape(4, 3, 16, 16).permute(0, 2, 1, 3)  # noqa: E731
+    assert not torch.equal(shuffled, images)
+    torch.testing.assert_close(patches(shuffled).sum(1), patches(images).sum(1))
+    with positions_removed(model), torch.no_grad():
+        torch.testing.assert_close(model(shuffled), model(images), atol=1e-5, rtol=1e-4)
+    assert model.pos_embed[:, 1:].abs().sum() > 0  # restored
+
+
+def test_text_shuffle_keeps_cls_sep_and_padding() -> None:
+    ids = torch.tensor([[2, 5, 6, 7, 8, 3, 0], [2, 9, 3, 0, 0, 0, 0]])
+    out = shuffle_tokens(text_model(), ids, torch.Generator().manual_seed(1), pad_id=0)
+    assert out[:, 0].tolist() == [2, 2] and out[0, 5] == 3 and out[1].tolist() == ids[1].tolist()
+    assert sorted(out[0, 1:5].tolist()) == [5, 6, 7, 8] and out[0, 1:5].tolist() != [5, 6, 7, 8]
+
+
+def test_probes_and_accuracy_are_measured() -> None:
+    model = text_model().eval()
+    ids = torch.randint(5, 30, (40, 8))
+    ids[:, 0], ids[:, -1] = 2, 3
+    with torch.no_grad():
+        predicted = model(ids).argmax(-1)
+    data = EvalSet(ids, predicted, pad_id=0)
+    probes = positional_probes(model, data)
+    assert probes["accuracy"] == 1.0 == accuracy(model, EvalSet(ids, predicted, 0))
+    assert accuracy(model, EvalSet(ids, 1 - predicted, 0)) == 0.0
+    assert 0 <= probes["shuffled"] <= 1 and 0 <= probes["no_positions"] <= 1
+
+
+def test_flops_count_the_attention_products() -> None:
+    model = image_model()
+    d, n, depth, hidden = 64, 17, 2, 128
+    per_layer = n * (d * 3 * d + d * d + 2 * d * hidden) + 2 * n * n * d  # projections, MLP, QK^T and AV
+    expected = 2 * (depth * per_layer + 16 * 48 * d + d * 3)
+    assert flops_per_sample(model, torch.randn(1, 3, 16, 16)) == expected
+    counts = parameter_counts(model)
+    assert sum(counts.values()) == sum(p.numel() for p in model.parameters())
+    assert counts["front_end"] == 48 * d + d
+
+
+def test_tokenization_marks_unknown_and_special_tokens() -> None:
+    tokenizer = TextTokenizer.train(["a good film", "a bad film"], "word", vocab_size=20, max_length=16)
+    view = tokenization(tokenizer, "a great film")
+    assert view["tokens"] == ["[CLS]", "a", "[UNK]", "film", "[SEP]"]
+    assert view["unknown"] == [False, False, True, False, False]
+    assert view["special"] == [True, False, True, False, True] and view["count"] == 5
+
+
+def test_text_side_from_a_checkpoint(text_checkpoint: Path) -> None:
+    table = TextTable(SST2 / "train.tsv", "sentence", "label")
+    side = load_text_side(str(text_checkpoint), SST2 / "test.tsv", table, {}, "nano", 0, 50)
+    assert len(side.data) == 50 and side.data.inputs.shape[1] <= 12
+    assert side.class_names == ["negative", "positive"]
+
+
+def test_report_end_to_end(tmp_path: Path, image_checkpoint: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "report"
+    start = time.perf_counter()
+    main(["--image-checkpoint", str(image_checkpoint), "--out", str(out), "--max-texts", "120",
+          "--tokenizer-texts", "400", "--matched-steps", "2", "--matched-text-train", "100",
+          "--throughput-seconds", "0.05", "--examples", "2"])
+    assert time.perf_counter() - start < 60
+    for name in ("report.html", "report.md", "summary.json", "tokens_image.png", "token_counts.png",
+                 "attention_images.png", "attention_text_0.png", "probes.png", "positions_image.png",
+                 "positions_text.png"):
+        assert (out / name).stat().st_size > 0, name
+    page = (out / "report.html").read_text()
+    assert re.findall(r"src='([^']{0,22})", page) and all(
+        s.startswith("data:image/png;base64") for s in re.findall(r"src='([^']{0,22})", page))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["image_checkpoint"] == str(image_checkpoint)
+    assert summary["text_checkpoint"].startswith("freshly initialised")
+
+    # The numbers come from the data and the models, not from constants.
+    costs = summary["side_by_side"]
+    assert costs["image"]["test_samples"] == 200 and costs["text"]["test_samples"] == 120
+    texts = TextTable(SST2 / "test.tsv", "sentence", "label").texts[:120]
+    wordpiece = train_tokenizers(TextTable(SST2 / "train.tsv", "sentence", "label").texts[:400])["wordpiece"]
+    ids, _ = wordpiece.encode_batch(texts)
+    assert costs["text"]["tokens"] == (ids != 0).sum(1).tolist()
+    assert costs["image"]["tokens_mean"] == 65 and costs["image"]["tokens_std"] == 0
+    assert costs["image"]["parameters"]["encoder"] == costs["text"]["parameters"]["encoder"]
+    assert costs["image"]["flops_per_sample"] > costs["text"]["flops_per_sample"] > 0
+    assert costs["image"]["samples_per_s"] > 0 and costs["text"]["tokens_per_s"] > 0
+    assert summary["text_tokenization"]["wordpiece"]["ids"] == wordpiece.encode_batch(
+        [summary["text_tokenization"]["sentence"]])[0][0].tolist()
+    assert summary["image_tokenization"]["sequence_length"] == 65
+
+    attention = summary["attention"]
+    for example in attention["image"]:
+        assert len(example["cls_attention"]) == 2 and len(example["rollout"]) == 64
+    for example in attention["text"]:
+        assert len(example["rollout"]) == len(example["tokens"]) - 1
+        assert example["tokens"][0] == "[CLS]" and example["tokens"][-1] == "[SEP]"
+    for probe in summary["positional_probes"].values():
+        assert set(probe) == {"accuracy", "shuffled", "no_positions"}
+    assert summary["positional_probes"]["image"]["accuracy"] == costs["image"]["test_accuracy"]
+    assert len(summary["positional_embeddings"]["image_similarity"]) == 64
+    rows = summary["matched_budget"]["rows"]
+    assert [r["modality"] for r in rows] == ["image", "text"]
+    assert rows[0]["tokens_per_sample"] == rows[1]["tokens_per_sample"] == 65
+    assert rows[0]["encoder_parameters"] == rows[1]["encoder_parameters"]
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_tokens_command_prints_patches_and_every_tokenizer(capsys: pytest.CaptureFixture) -> None:
+    image = REPO / "data" / "cifar10-sample" / "test" / "cat" / "0000.jpg"
+    main(["tokens", "--image", str(image), "--text", "A quietly moving film.", "--tokenizer-texts", "300"])
+    printed = capsys.readouterr().out
+    assert "64 patch tokens + CLS = 65 tokens, 48 values each" in printed
+    for kind in ("word", "char", "bpe", "wordpiece"):
+        assert f"\n{kind} (vocabulary" in printed
