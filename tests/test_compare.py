@@ -182,6 +182,7 @@ def test_report_end_to_end(tmp_path: Path, image_checkpoint: Path, capsys: pytes
     assert [r["modality"] for r in rows] == ["image", "text"]
     assert rows[0]["tokens_per_sample"] == rows[1]["tokens_per_sample"] == 65
     assert rows[0]["encoder_parameters"] == rows[1]["encoder_parameters"]
+    assert all(0 <= r[k] <= 1 for r in rows for k in ("test_accuracy", "shuffled_accuracy", "no_positions_accuracy"))
     assert "wrote" in capsys.readouterr().out
 
 

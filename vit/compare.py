@@ -358,7 +358,13 @@ def build_report(args: argparse.Namespace, command: str) -> dict[str, Any]:
                               Budget(variant=args.variant, steps=args.matched_steps, seed=args.seed),
                               text_train_limit=args.matched_text_train)
     summary["matched_budget"] = matched
-    section.blocks += matched_blocks(matched, args.matched_results)
+    if args.matched_results:
+        note = f" Results read from {args.matched_results}, written by: {matched.get('command', 'unknown')}."
+    else:
+        note = (" A quick run with few steps on the data above, so that the report stays fast; run "
+                "`python -m vit.compare matched` with more steps and the full data sets for a real "
+                "comparison and pass its matched.json with --matched-results.")
+    section.blocks += matched_blocks(matched, note)
 
     summary["seconds"] = time.perf_counter() - started
     (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
@@ -367,25 +373,26 @@ def build_report(args: argparse.Namespace, command: str) -> dict[str, Any]:
     return summary
 
 
-def matched_blocks(matched: dict[str, Any], source: str | None) -> list[str | Table]:
-    """The matched-budget table and what it was run on."""
+def matched_blocks(matched: dict[str, Any], note: str = "") -> list[str | Table]:
+    """The matched-budget table and what it was run on, followed by ``note``."""
     b = matched["budget"]
     rows = matched["rows"]
+    limit = matched["text_train_limit"]
     return [
         f"Same encoder ({b['variant']}), {b['tokens']} tokens + CLS per sample (text cut or padded to it), "
         f"AdamW lr {b['lr']} wd {b['weight_decay']}, warmup {b['warmup_fraction']:.0%} then cosine, "
         f"{b['steps']} steps of {b['batch_size']}, no augmentation, seed {b['seed']}. "
-        f"Images: {matched['image_root']}; texts: {matched['text_root']} (first "
-        f"{matched['text_train_limit']} training texts, {matched['tokenizer']} tokenizer)."
-        + (f" Results read from {source}." if source else
-           " Run on the data above with this small step count so the report stays quick: "
-           "use `python -m vit.compare matched` with more steps and the full data sets for a real comparison."),
+        f"Images: {matched['image_root']}; texts: {matched['text_root']} "
+        f"({'all' if limit is None else f'the first {limit:,}'} training texts, {matched['tokenizer']} "
+        f"tokenizer).{note}",
         Table(["modality", "train / test samples", "tokens computed (unpadded mean)", "encoder params",
-               "all params", "train time", "final train loss", "test accuracy", "majority class"],
+               "all params", "train time", "final train loss", "test accuracy", "tokens shuffled",
+               "positions removed", "majority class"],
               [[r["modality"], f"{r['train_samples']:,} / {r['test_samples']:,}",
                 f"{r['tokens_per_sample']} ({r['unpadded_tokens_mean']:.1f})", f"{r['encoder_parameters']:,}",
                 f"{r['total_parameters']:,}", f"{r['train_seconds']:.0f} s", f"{r['final_train_loss']:.3f}",
-                f"{100 * r['test_accuracy']:.1f} %", f"{100 * r['majority_class_accuracy']:.1f} %"]
+                *(f"{100 * r[k]:.1f} %" for k in ("test_accuracy", "shuffled_accuracy", "no_positions_accuracy",
+                                                   "majority_class_accuracy"))]
                for r in rows]),
     ]
 
@@ -417,7 +424,7 @@ def parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="write the full report (the default command)")
     report.add_argument("--image-checkpoint", help="a .ckpt or bundle of an image model (default: fresh)")
     report.add_argument("--text-checkpoint", help="a .ckpt or bundle of a text model (default: fresh)")
-    report.add_argument("--out", default="compare_report", help="output folder")
+    report.add_argument("--out", default="runs/compare", help="output folder")
     report.add_argument("--image-root", default="data/cifar10-sample", help="image folder with test/")
     report.add_argument("--image-root-train", help="images for the matched experiment (default --image-root)")
     report.add_argument("--text-train", default="data/sst2/train.tsv", help="texts the tokenizers learn from")
@@ -448,7 +455,7 @@ def parser() -> argparse.ArgumentParser:
                          help="image folder or CIFAR-10 (e.g. ../shared/data/cifar10-jpeg)")
     matched.add_argument("--text-root", default="data/sst2", help="folder with train.tsv and test.tsv")
     matched.add_argument("--text-train-limit", type=int, default=5000, help="training texts (0: all)")
-    matched.add_argument("--out", default="compare_report", help="writes matched.json and matched.md here")
+    matched.add_argument("--out", default="runs/compare", help="writes matched.json here")
     matched.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     for field, default in asdict(Budget()).items():
         matched.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=default)
@@ -475,7 +482,7 @@ def main(argv: list[str] | None = None) -> None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "matched.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
-        blocks = matched_blocks(result, None)
+        blocks = matched_blocks(result)
         print(blocks[0])
         print("\n".join(Report._markdown_block(blocks[1])))
         print(f"\nwrote {out / 'matched.json'}")

@@ -60,7 +60,7 @@ def token_counts(image_tokens: int, text_tokens: np.ndarray) -> Figure:
     ax.set_title("Tokens per test sample, CLS included")
     ax.set_xlabel("tokens the encoder sees")
     ax.set_ylabel("test samples")
-    ax.legend()
+    ax.legend(loc="upper center")
     fig.tight_layout()
     return fig
 

@@ -4,7 +4,8 @@ Both models get the same encoder, the same number of tokens per sample (an image
 pixels cut into patches of S / sqrt(tokens); every text padded or cut to ``tokens`` tokens
 after [CLS]), the same optimiser (AdamW, decay on weight matrices only), the same schedule
 (linear warmup, then cosine decay), the same batch size and the same number of steps. No
-augmentation on either side, so that only the tokens differ.
+augmentation on either side, so that only the tokens differ. Each trained model then goes
+through the positional probes of ``vit.measure``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from vit.augment import normalize
 from vit.data import CIFAR10_MEAN, CIFAR10_STD, ImageSource, default_cache_dir, load_split
-from vit.measure import EvalSet, accuracy, parameter_counts, tokens_per_sample
+from vit.measure import EvalSet, parameter_counts, positional_probes, tokens_per_sample
 from vit.model import TokenClassifier, build_model
 from vit.text_data import TextTable, label_classes
 from vit.tokenizer import TextTokenizer
@@ -101,6 +102,7 @@ def _row(model: TokenClassifier, name: str, train_set: EvalSet, test_set: EvalSe
     torch.manual_seed(budget.seed)
     fit = train(model, train_set, budget)
     counts = parameter_counts(model)
+    probes = positional_probes(model, test_set, budget.seed)
     majority = int(torch.bincount(test_set.labels).max()) / len(test_set)
     return {
         "modality": name,
@@ -111,7 +113,9 @@ def _row(model: TokenClassifier, name: str, train_set: EvalSet, test_set: EvalSe
         "encoder_parameters": counts["encoder"],
         "total_parameters": sum(counts.values()),
         **fit,
-        "test_accuracy": accuracy(model, test_set),
+        "test_accuracy": probes["accuracy"],
+        "shuffled_accuracy": probes["shuffled"],
+        "no_positions_accuracy": probes["no_positions"],
         "majority_class_accuracy": majority,
     }
 
