@@ -14,7 +14,12 @@ import torch
 from vit.attention_maps import attention_rollout, capture_attention
 from vit.compare import load_text_side, main, tokenization, train_tokenizers
 from vit.measure import (
-    EvalSet, accuracy, flops_per_sample, parameter_counts, positional_probes, positions_removed,
+    EvalSet,
+    accuracy,
+    flops_per_sample,
+    parameter_counts,
+    positional_probes,
+    positions_removed,
     shuffle_tokens,
 )
 from vit.model import ImageClassifier, TextClassifier, encoder_config
@@ -35,12 +40,15 @@ def _one_thread():
 
 
 def text_model() -> TextClassifier:
-    return TextClassifier(vocab_size=30, max_length=10, pad_id=0, num_classes=2,
-                          encoder=encoder_config("nano"))
+    return TextClassifier(
+        vocab_size=30, max_length=10, pad_id=0, num_classes=2, encoder=encoder_config("nano")
+    )
 
 
 def image_model() -> ImageClassifier:
-    return ImageClassifier(image_size=16, patch_size=4, num_classes=3, encoder=encoder_config("nano"))
+    return ImageClassifier(
+        image_size=16, patch_size=4, num_classes=3, encoder=encoder_config("nano")
+    )
 
 
 def test_captured_attention_is_softmax_qk_and_what_sdpa_applied() -> None:
@@ -57,12 +65,16 @@ def test_captured_attention_is_softmax_qk_and_what_sdpa_applied() -> None:
             attn = block.attn
             h = block.norm1(x)
             b, n, d = h.shape
-            q, k, v = attn.qkv(h).view(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = (
+                attn.qkv(h).view(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+            )
             scores = q @ k.transpose(-1, -2) / math.sqrt(attn.head_dim)
             reference = scores.masked_fill(pad[:, None, None, :], float("-inf")).softmax(-1)
             torch.testing.assert_close(captured, reference)
             applied = attn.proj((reference @ v).transpose(1, 2).reshape(b, n, d))
-            torch.testing.assert_close(applied, attn(h, pad), atol=1e-5, rtol=1e-4)  # fused SDPA path
+            torch.testing.assert_close(
+                applied, attn(h, pad), atol=1e-5, rtol=1e-4
+            )  # fused SDPA path
             x = block(x, pad)
         assert captured[1, :, :, 4:].abs().max() == 0  # padding never attended to
     torch.testing.assert_close(model(ids), logits)
@@ -81,7 +93,7 @@ def test_shuffled_patches_are_a_permutation_and_order_free_without_positions() -
     model = image_model().eval()
     images = torch.randn(4, 3, 16, 16)
     shuffled = shuffle_tokens(model, images, torch.Generator().manual_seed(0))
-    patches = lambda x: x.unfold(2, 4, 4).unfold(3, 4, 4).reshape(4, 3, 16, 16).permute(0, 2, 1, 3)  # noqa: E731
+    patches = lambda x: x.unfold(2, 4, 4).unfold(3, 4, 4).reshape(4, 3, 16, 16).permute(0, 2, 1, 3)
     assert not torch.equal(shuffled, images)
     torch.testing.assert_close(patches(shuffled).sum(1), patches(images).sum(1))
     with positions_removed(model), torch.no_grad():
@@ -112,7 +124,9 @@ def test_probes_and_accuracy_are_measured() -> None:
 def test_flops_count_the_attention_products() -> None:
     model = image_model()
     d, n, depth, hidden = 64, 17, 2, 128
-    per_layer = n * (d * 3 * d + d * d + 2 * d * hidden) + 2 * n * n * d  # projections, MLP, QK^T and AV
+    per_layer = (
+        n * (d * 3 * d + d * d + 2 * d * hidden) + 2 * n * n * d
+    )  # projections, MLP, QK^T and AV
     expected = 2 * (depth * per_layer + 16 * 48 * d + d * 3)
     assert flops_per_sample(model, torch.randn(1, 3, 16, 16)) == expected
     counts = parameter_counts(model)
@@ -121,7 +135,9 @@ def test_flops_count_the_attention_products() -> None:
 
 
 def test_tokenization_marks_unknown_and_special_tokens() -> None:
-    tokenizer = TextTokenizer.train(["a good film", "a bad film"], "word", vocab_size=20, max_length=16)
+    tokenizer = TextTokenizer.train(
+        ["a good film", "a bad film"], "word", vocab_size=20, max_length=16
+    )
     view = tokenization(tokenizer, "a great film")
     assert view["tokens"] == ["[CLS]", "a", "[UNK]", "film", "[SEP]"]
     assert view["unknown"] == [False, False, True, False, False]
@@ -135,20 +151,49 @@ def test_text_side_from_a_checkpoint(text_checkpoint: Path) -> None:
     assert side.class_names == ["negative", "positive"]
 
 
-def test_report_end_to_end(tmp_path: Path, image_checkpoint: Path, capsys: pytest.CaptureFixture) -> None:
+def test_report_end_to_end(
+    tmp_path: Path, image_checkpoint: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "report"
     start = time.perf_counter()
-    main(["--image-checkpoint", str(image_checkpoint), "--out", str(out), "--max-texts", "120",
-          "--tokenizer-texts", "400", "--matched-steps", "2", "--matched-text-train", "100",
-          "--throughput-seconds", "0.05", "--examples", "2"])
+    main(
+        [
+            "--image-checkpoint",
+            str(image_checkpoint),
+            "--out",
+            str(out),
+            "--max-texts",
+            "120",
+            "--tokenizer-texts",
+            "400",
+            "--matched-steps",
+            "2",
+            "--matched-text-train",
+            "100",
+            "--throughput-seconds",
+            "0.05",
+            "--examples",
+            "2",
+        ]
+    )
     assert time.perf_counter() - start < 60
-    for name in ("report.html", "report.md", "summary.json", "tokens_image.png", "token_counts.png",
-                 "attention_images.png", "attention_text_0.png", "probes.png", "positions_image.png",
-                 "positions_text.png"):
+    for name in (
+        "report.html",
+        "report.md",
+        "summary.json",
+        "tokens_image.png",
+        "token_counts.png",
+        "attention_images.png",
+        "attention_text_0.png",
+        "probes.png",
+        "positions_image.png",
+        "positions_text.png",
+    ):
         assert (out / name).stat().st_size > 0, name
     page = (out / "report.html").read_text()
     assert re.findall(r"src='([^']{0,22})", page) and all(
-        s.startswith("data:image/png;base64") for s in re.findall(r"src='([^']{0,22})", page))
+        s.startswith("data:image/png;base64") for s in re.findall(r"src='([^']{0,22})", page)
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["image_checkpoint"] == str(image_checkpoint)
     assert summary["text_checkpoint"].startswith("freshly initialised")
@@ -157,15 +202,19 @@ def test_report_end_to_end(tmp_path: Path, image_checkpoint: Path, capsys: pytes
     costs = summary["side_by_side"]
     assert costs["image"]["test_samples"] == 200 and costs["text"]["test_samples"] == 120
     texts = TextTable(SST2 / "test.tsv", "sentence", "label").texts[:120]
-    wordpiece = train_tokenizers(TextTable(SST2 / "train.tsv", "sentence", "label").texts[:400])["wordpiece"]
+    wordpiece = train_tokenizers(TextTable(SST2 / "train.tsv", "sentence", "label").texts[:400])[
+        "wordpiece"
+    ]
     ids, _ = wordpiece.encode_batch(texts)
     assert costs["text"]["tokens"] == (ids != 0).sum(1).tolist()
     assert costs["image"]["tokens_mean"] == 65 and costs["image"]["tokens_std"] == 0
     assert costs["image"]["parameters"]["encoder"] == costs["text"]["parameters"]["encoder"]
     assert costs["image"]["flops_per_sample"] > costs["text"]["flops_per_sample"] > 0
     assert costs["image"]["samples_per_s"] > 0 and costs["text"]["tokens_per_s"] > 0
-    assert summary["text_tokenization"]["wordpiece"]["ids"] == wordpiece.encode_batch(
-        [summary["text_tokenization"]["sentence"]])[0][0].tolist()
+    assert (
+        summary["text_tokenization"]["wordpiece"]["ids"]
+        == wordpiece.encode_batch([summary["text_tokenization"]["sentence"]])[0][0].tolist()
+    )
     assert summary["image_tokenization"]["sequence_length"] == 65
 
     attention = summary["attention"]
@@ -182,13 +231,27 @@ def test_report_end_to_end(tmp_path: Path, image_checkpoint: Path, capsys: pytes
     assert [r["modality"] for r in rows] == ["image", "text"]
     assert rows[0]["tokens_per_sample"] == rows[1]["tokens_per_sample"] == 65
     assert rows[0]["encoder_parameters"] == rows[1]["encoder_parameters"]
-    assert all(0 <= r[k] <= 1 for r in rows for k in ("test_accuracy", "shuffled_accuracy", "no_positions_accuracy"))
+    assert all(
+        0 <= r[k] <= 1
+        for r in rows
+        for k in ("test_accuracy", "shuffled_accuracy", "no_positions_accuracy")
+    )
     assert "wrote" in capsys.readouterr().out
 
 
 def test_tokens_command_prints_patches_and_every_tokenizer(capsys: pytest.CaptureFixture) -> None:
     image = REPO / "data" / "cifar10-sample" / "test" / "cat" / "0000.jpg"
-    main(["tokens", "--image", str(image), "--text", "A quietly moving film.", "--tokenizer-texts", "300"])
+    main(
+        [
+            "tokens",
+            "--image",
+            str(image),
+            "--text",
+            "A quietly moving film.",
+            "--tokenizer-texts",
+            "300",
+        ]
+    )
     printed = capsys.readouterr().out
     assert "64 patch tokens + CLS = 65 tokens, 48 values each" in printed
     for kind in ("word", "char", "bpe", "wordpiece"):

@@ -54,10 +54,13 @@ def capture_attention(model: nn.Module) -> Iterator[list[torch.Tensor]]:
 
     handles = [
         m.register_forward_hook(hook, with_kwargs=True)
-        for m in model.modules() if isinstance(m, Attention)
+        for m in model.modules()
+        if isinstance(m, Attention)
     ]
     if not handles:
-        raise ValueError(f"{type(model).__name__} holds no vit.attention.Attention module to capture.")
+        raise ValueError(
+            f"{type(model).__name__} holds no vit.attention.Attention module to capture."
+        )
     try:
         yield maps
     finally:

@@ -34,7 +34,12 @@ from vit.data import CIFAR10_MEAN, CIFAR10_STD, ImageSource, default_cache_dir, 
 from vit.imageio import load_image
 from vit.matched import Budget, encode_texts, run_matched
 from vit.measure import (
-    EvalSet, accuracy, flops_per_sample, parameter_counts, positional_probes, throughput,
+    EvalSet,
+    accuracy,
+    flops_per_sample,
+    parameter_counts,
+    positional_probes,
+    throughput,
     tokens_per_sample,
 )
 from vit.model import ImageClassifier, TextClassifier, build_model
@@ -56,7 +61,6 @@ class Side:
     data: EvalSet
     class_names: list[str]
     images: torch.Tensor | None = None  # (N, 3, S, S) uint8, for pictures
-    texts: list[str] | None = None
     tokenizer: TextTokenizer | None = None
 
 
@@ -65,11 +69,18 @@ def load_image_side(checkpoint: str | None, root: Path, variant: str, seed: int)
     if checkpoint:
         saved = load_saved_model(checkpoint)
         if saved.spec["modality"] != "image":
-            raise ValueError(f"--image-checkpoint {checkpoint} holds a {saved.spec['modality']} model.")
+            raise ValueError(
+                f"--image-checkpoint {checkpoint} holds a {saved.spec['modality']} model."
+            )
         model, spec, source = saved.model, saved.spec, checkpoint
     else:
-        spec = {"modality": "image", "class_names": ImageSource(root).class_names, "image_size": 32,
-                "mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD)}
+        spec = {
+            "modality": "image",
+            "class_names": ImageSource(root).class_names,
+            "image_size": 32,
+            "mean": list(CIFAR10_MEAN),
+            "std": list(CIFAR10_STD),
+        }
         torch.manual_seed(seed)
         model = build_model(spec, variant=variant)
         source = f"freshly initialised ({variant}, seed {seed}, patch 4)"
@@ -86,30 +97,49 @@ def load_image_side(checkpoint: str | None, root: Path, variant: str, seed: int)
 
 def train_tokenizers(texts: list[str]) -> dict[str, TextTokenizer]:
     """One tokenizer of each kind, trained on ``texts``."""
-    return {kind: TextTokenizer.train(texts, kind, VOCAB_SIZES[kind], TEXT_MAX_LENGTH) for kind in KINDS}
+    return {
+        kind: TextTokenizer.train(texts, kind, VOCAB_SIZES[kind], TEXT_MAX_LENGTH) for kind in KINDS
+    }
 
 
 def load_text_side(
-    checkpoint: str | None, test_file: Path, train_table: TextTable, tokenizers: dict[str, TextTokenizer],
-    variant: str, seed: int, limit: int | None,
+    checkpoint: str | None,
+    test_file: Path,
+    train_table: TextTable,
+    tokenizers: dict[str, TextTokenizer],
+    variant: str,
+    seed: int,
+    limit: int | None,
 ) -> Side:
     """The text model (loaded, or fresh with the WordPiece tokenizer) and ``limit`` test texts."""
     if checkpoint:
         saved = load_saved_model(checkpoint)
         if saved.spec["modality"] != "text":
-            raise ValueError(f"--text-checkpoint {checkpoint} holds a {saved.spec['modality']} model.")
-        model, tokenizer, class_names, source = saved.model, saved.tokenizer, saved.spec["class_names"], checkpoint
+            raise ValueError(
+                f"--text-checkpoint {checkpoint} holds a {saved.spec['modality']} model."
+            )
+        model, tokenizer, class_names, source = (
+            saved.model,
+            saved.tokenizer,
+            saved.spec["class_names"],
+            checkpoint,
+        )
     else:
         tokenizer = tokenizers["wordpiece"]
         class_names, _ = label_classes(train_table.labels)
-        spec = {"modality": "text", "class_names": class_names, "vocab_size": tokenizer.vocab_size,
-                "max_length": tokenizer.max_length, "pad_id": tokenizer.pad_id}
+        spec = {
+            "modality": "text",
+            "class_names": class_names,
+            "vocab_size": tokenizer.vocab_size,
+            "max_length": tokenizer.max_length,
+            "pad_id": tokenizer.pad_id,
+        }
         torch.manual_seed(seed)
         model = build_model(spec, variant=variant)
         source = f"freshly initialised ({variant}, seed {seed}, WordPiece)"
     table = TextTable(test_file, "sentence", "label")
     data = encode_texts(table, tokenizer, list(class_names), limit=limit)
-    return Side(model.eval(), source, data, list(class_names), texts=table.texts[:limit], tokenizer=tokenizer)
+    return Side(model.eval(), source, data, list(class_names), tokenizer=tokenizer)
 
 
 def tokenization(tokenizer: TextTokenizer, text: str) -> dict[str, Any]:
@@ -117,16 +147,31 @@ def tokenization(tokenizer: TextTokenizer, text: str) -> dict[str, Any]:
     encoded, truncated = tokenizer.encode_batch([text])
     ids = encoded[0].tolist()
     tokens = tokenizer.tokens(text)
-    return {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "tokens": tokens, "ids": ids,
-            "special": [i < len(SPECIAL_TOKENS) for i in ids], "unknown": [t == UNK for t in tokens],
-            "count": len(ids), "truncated": truncated > 0, "max_length": tokenizer.max_length, "unknown_count": sum(t == UNK for t in tokens)}
+    return {
+        "kind": tokenizer.kind,
+        "vocab_size": tokenizer.vocab_size,
+        "tokens": tokens,
+        "ids": ids,
+        "special": [i < len(SPECIAL_TOKENS) for i in ids],
+        "unknown": [t == UNK for t in tokens],
+        "count": len(ids),
+        "unknown_count": sum(t == UNK for t in tokens),
+        "truncated": truncated > 0,
+        "max_length": tokenizer.max_length,
+    }
 
 
 def image_tokenization(image_size: int, patch_size: int) -> dict[str, int]:
     """How an image becomes tokens: grid, patches, sequence length, values per token."""
     grid = image_size // patch_size
-    return {"image_size": image_size, "patch_size": patch_size, "grid": grid, "patches": grid * grid,
-            "sequence_length": 1 + grid * grid, "values_per_token": patch_size * patch_size * 3}
+    return {
+        "image_size": image_size,
+        "patch_size": patch_size,
+        "grid": grid,
+        "patches": grid * grid,
+        "sequence_length": 1 + grid * grid,
+        "values_per_token": patch_size * patch_size * 3,
+    }
 
 
 def cost_summary(side: Side, batch_size: int, seconds: float) -> dict[str, Any]:
@@ -136,10 +181,12 @@ def cost_summary(side: Side, batch_size: int, seconds: float) -> dict[str, Any]:
         sample = side.data.inputs[:1]
     else:  # the test text whose length is closest to the mean
         nearest = int((tokens - tokens.mean()).abs().argmin())
-        sample = side.data.inputs[nearest:nearest + 1, : int(tokens[nearest])]
+        sample = side.data.inputs[nearest : nearest + 1, : int(tokens[nearest])]
     return {
-        "tokens_mean": float(tokens.mean()), "tokens_std": float(tokens.std()),
-        "tokens_min": int(tokens.min()), "tokens_max": int(tokens.max()),
+        "tokens_mean": float(tokens.mean()),
+        "tokens_std": float(tokens.std()),
+        "tokens_min": int(tokens.min()),
+        "tokens_max": int(tokens.max()),
         "tokens": tokens.int().tolist(),
         "parameters": parameter_counts(side.model),
         "flops_per_sample": flops_per_sample(side.model, sample),
@@ -154,14 +201,15 @@ def attention_examples(side: Side, indices: list[int]) -> list[dict[str, Any]]:
     """Per sample: per-layer CLS attention (heads averaged) and rollout over its tokens."""
     examples = []
     for i in indices:
-        inputs = side.data.inputs[i:i + 1]
+        inputs = side.data.inputs[i : i + 1]
         if side.data.pad_id is not None:
             inputs = inputs[:, : int((inputs != side.data.pad_id).sum())]
         with capture_attention(side.model) as maps, torch.inference_mode():
             logits = side.model(inputs)
         cls = torch.stack([m[0].mean(dim=0)[0, 1:] for m in maps])  # (layers, N)
         example = {
-            "index": i, "label": side.class_names[int(side.data.labels[i])],
+            "index": i,
+            "label": side.class_names[int(side.data.labels[i])],
             "predicted": side.class_names[int(logits.argmax())],
             "cls_attention": cls.numpy().round(5).tolist(),
             "rollout": attention_rollout(maps)[0, 0, 1:].numpy().round(5).tolist(),
@@ -198,7 +246,10 @@ def position_similarity_summary(model: ImageClassifier | TextClassifier) -> dict
     else:
         neighbour = (torch.arange(n)[:, None] - torch.arange(n)[None]).abs() == 1
     off_diagonal = ~torch.eye(n, dtype=torch.bool)
-    return {"neighbour_mean": float(sim[neighbour].mean()), "all_pairs_mean": float(sim[off_diagonal].mean())}
+    return {
+        "neighbour_mean": float(sim[neighbour].mean()),
+        "all_pairs_mean": float(sim[off_diagonal].mean()),
+    }
 
 
 def _fmt(value: float, digits: int = 1) -> str:
@@ -206,9 +257,11 @@ def _fmt(value: float, digits: int = 1) -> str:
 
 
 def _machine() -> str:
-    return (f"{platform.platform()}, Python {platform.python_version()}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} CPU thread(s), "
-            + (f"GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "no GPU"))
+    return (
+        f"{platform.platform()}, Python {platform.python_version()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} CPU thread(s), "
+        + (f"GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "no GPU")
+    )
 
 
 def build_report(args: argparse.Namespace, command: str) -> dict[str, Any]:
@@ -219,20 +272,37 @@ def build_report(args: argparse.Namespace, command: str) -> dict[str, Any]:
     train_table = TextTable(Path(args.text_train), "sentence", "label")
     tokenizers = train_tokenizers(train_table.texts[: args.tokenizer_texts])
     image = load_image_side(args.image_checkpoint, Path(args.image_root), args.variant, args.seed)
-    text = load_text_side(args.text_checkpoint, Path(args.text_test), train_table, tokenizers,
-                          args.variant, args.seed, args.max_texts)
-    summary: dict[str, Any] = {"command": command, "machine": _machine(),
-                               "image_checkpoint": image.source, "text_checkpoint": text.source,
-                               "image_test": args.image_root, "text_test": args.text_test}
+    text = load_text_side(
+        args.text_checkpoint,
+        Path(args.text_test),
+        train_table,
+        tokenizers,
+        args.variant,
+        args.seed,
+        args.max_texts,
+    )
+    summary: dict[str, Any] = {
+        "command": command,
+        "machine": _machine(),
+        "image_checkpoint": image.source,
+        "text_checkpoint": text.source,
+        "image_test": args.image_root,
+        "text_test": args.text_test,
+    }
 
     about = report.section("About this report")
     about.blocks += [
-        f"Command: {command}", f"Machine: {summary['machine']}.",
+        f"Command: {command}",
+        f"Machine: {summary['machine']}.",
         f"Image model: {image.source}; test images: {args.image_root} ({len(image.data)}).",
-        f"Text model: {text.source}; test texts: {args.text_test} ({len(text.data)}"
-        f"{'' if args.max_texts is None else f', the first {args.max_texts}'}).",
-        "Both models run the same vit.encoder.Encoder class; only the front end differs. "
-        "Every number below is in summary.json.",
+        (
+            f"Text model: {text.source}; test texts: {args.text_test} ({len(text.data)}"
+            f"{'' if args.max_texts is None else f', the first {args.max_texts}'})."
+        ),
+        (
+            "Both models run the same vit.encoder.Encoder class; only the front end differs. "
+            "Every number below is in summary.json."
+        ),
     ]
 
     # 1. Tokenisation
@@ -240,130 +310,257 @@ def build_report(args: argparse.Namespace, command: str) -> dict[str, Any]:
     patch = image.model.patch_embed.patch_size
     view = image_tokenization(image.model.patch_embed.image_size, patch)
     summary["image_tokenization"] = view
-    report.figure(section, figures.patch_grid(
-        image.images[0], patch, f"{view['patches']} patches of {patch}x{patch} -> {view['sequence_length']} tokens with CLS"),
+    report.figure(
+        section,
+        figures.patch_grid(
+            image.images[0],
+            patch,
+            f"{view['patches']} patches of {patch}x{patch} -> {view['sequence_length']} tokens with CLS",
+        ),
         "tokens_image.png",
         f"Test image 0 ({image.class_names[int(image.data.labels[0])]}) cut into a {view['grid']}x{view['grid']} "
         f"grid; patch k becomes token k, after CLS (token 0). Sequence length {view['sequence_length']}; "
-        f"each token carries {view['values_per_token']} pixel values ({patch}x{patch}x3).")
+        f"each token carries {view['values_per_token']} pixel values ({patch}x{patch}x3).",
+    )
     shown = {kind: tokenization(tok, args.sentence) for kind, tok in tokenizers.items()}
     if args.text_checkpoint:
         shown["checkpoint"] = tokenization(text.tokenizer, args.sentence)
-    summary["text_tokenization"] = {"sentence": args.sentence, "tokenizer_texts": args.tokenizer_texts, **shown}
-    section.blocks.append(f"The sentence \"{args.sentence}\" through each tokenizer (trained on the first "
-                          f"{args.tokenizer_texts} texts of {args.text_train}; dashed border = [UNK]):")
-    section.blocks.append(Table(
-        ["tokenizer", "vocabulary", "tokens (with [CLS], [SEP])", "special", "unknown", "ids"],
-        [[name, str(v["vocab_size"]),
-          str(v["count"]) + (f" (cut at max_length {v['max_length']})" if v["truncated"] else ""),
-          str(sum(v["special"])), str(v["unknown_count"]),
-          " ".join(map(str, v["ids"]))] for name, v in shown.items()]))
+    summary["text_tokenization"] = {
+        "sentence": args.sentence,
+        "tokenizer_texts": args.tokenizer_texts,
+        **shown,
+    }
+    section.blocks.append(
+        f'The sentence "{args.sentence}" through each tokenizer (trained on the first '
+        f"{args.tokenizer_texts} texts of {args.text_train}; dashed border = [UNK]):"
+    )
+    section.blocks.append(
+        Table(
+            ["tokenizer", "vocabulary", "tokens (with [CLS], [SEP])", "special", "unknown", "ids"],
+            [
+                [
+                    name,
+                    str(v["vocab_size"]),
+                    str(v["count"])
+                    + (f" (cut at max_length {v['max_length']})" if v["truncated"] else ""),
+                    str(sum(v["special"])),
+                    str(v["unknown_count"]),
+                    " ".join(map(str, v["ids"])),
+                ]
+                for name, v in shown.items()
+            ],
+        )
+    )
     for name, v in shown.items():
-        section.blocks.append(Tokens(v["tokens"], marked=v["unknown"], caption=f"{name}: {v['count']} tokens"))
+        section.blocks.append(
+            Tokens(v["tokens"], marked=v["unknown"], caption=f"{name}: {v['count']} tokens")
+        )
 
     # 2. Side by side
     section = report.section("2. Side by side")
-    costs = {name: cost_summary(side, args.batch_size, args.throughput_seconds)
-             for name, side in (("image", image), ("text", text))}
+    costs = {
+        name: cost_summary(side, args.batch_size, args.throughput_seconds)
+        for name, side in (("image", image), ("text", text))
+    }
     summary["side_by_side"] = costs
     ci, ct = costs["image"], costs["text"]
-    report.figure(section, figures.token_counts(ci["tokens_max"], np.array(ct["tokens"])), "token_counts.png",
-                  "Tokens per test sample: fixed for images, one per word piece for text.")
-    param = lambda c, k: f"{c['parameters'][k]:,}"  # noqa: E731
-    section.blocks.append(Table(["", "image (patch tokens)", "text (subword tokens)"], [
-        ["tokens per sample, mean ± sd (min-max), CLS included",
-         f"{ci['tokens_mean']:.1f} ± {ci['tokens_std']:.1f} ({ci['tokens_min']}-{ci['tokens_max']})",
-         f"{ct['tokens_mean']:.1f} ± {ct['tokens_std']:.1f} ({ct['tokens_min']}-{ct['tokens_max']})"],
-        ["what one token carries", f"{view['values_per_token']} pixel values ({patch}x{patch}x3)",
-         f"one id out of {text.tokenizer.vocab_size:,}"],
-        ["front-end parameters", param(ci, "front_end"), param(ct, "front_end")],
-        ["CLS + positional parameters", param(ci, "cls_and_positions"), param(ct, "cls_and_positions")],
-        ["shared-encoder parameters", param(ci, "encoder"), param(ct, "encoder")],
-        ["final norm + head parameters", param(ci, "norm_and_head"), param(ct, "norm_and_head")],
-        ["FLOPs per sample (forward)", f"{ci['flops_per_sample'] / 1e6:,.2f} M",
-         f"{ct['flops_per_sample'] / 1e6:,.2f} M (at {ct['flops_sample_tokens']} tokens)"],
-        ["throughput, samples/s", _fmt(ci["samples_per_s"]), _fmt(ct["samples_per_s"])],
-        ["throughput, tokens/s", _fmt(ci["tokens_per_s"], 0), _fmt(ct["tokens_per_s"], 0)],
-        ["test accuracy", f"{100 * ci['test_accuracy']:.1f} % of {ci['test_samples']}",
-         f"{100 * ct['test_accuracy']:.1f} % of {ct['test_samples']}"],
-    ]))
-    section.blocks.append(f"Throughput: forward passes in batches of {args.batch_size} for at least "
-                          f"{args.throughput_seconds} s on this machine; text batches padded to their longest text.")
+    report.figure(
+        section,
+        figures.token_counts(ci["tokens_max"], np.array(ct["tokens"])),
+        "token_counts.png",
+        "Tokens per test sample: fixed for images, one per word piece for text.",
+    )
+    param = lambda c, k: f"{c['parameters'][k]:,}"
+    section.blocks.append(
+        Table(
+            ["", "image (patch tokens)", "text (subword tokens)"],
+            [
+                [
+                    "tokens per sample, mean ± sd (min-max), CLS included",
+                    f"{ci['tokens_mean']:.1f} ± {ci['tokens_std']:.1f} ({ci['tokens_min']}-{ci['tokens_max']})",
+                    f"{ct['tokens_mean']:.1f} ± {ct['tokens_std']:.1f} ({ct['tokens_min']}-{ct['tokens_max']})",
+                ],
+                [
+                    "what one token carries",
+                    f"{view['values_per_token']} pixel values ({patch}x{patch}x3)",
+                    f"one id out of {text.tokenizer.vocab_size:,}",
+                ],
+                ["front-end parameters", param(ci, "front_end"), param(ct, "front_end")],
+                [
+                    "CLS + positional parameters",
+                    param(ci, "cls_and_positions"),
+                    param(ct, "cls_and_positions"),
+                ],
+                ["shared-encoder parameters", param(ci, "encoder"), param(ct, "encoder")],
+                [
+                    "final norm + head parameters",
+                    param(ci, "norm_and_head"),
+                    param(ct, "norm_and_head"),
+                ],
+                [
+                    "FLOPs per sample (forward)",
+                    f"{ci['flops_per_sample'] / 1e6:,.2f} M",
+                    f"{ct['flops_per_sample'] / 1e6:,.2f} M (at {ct['flops_sample_tokens']} tokens)",
+                ],
+                ["throughput, samples/s", _fmt(ci["samples_per_s"]), _fmt(ct["samples_per_s"])],
+                ["throughput, tokens/s", _fmt(ci["tokens_per_s"], 0), _fmt(ct["tokens_per_s"], 0)],
+                [
+                    "test accuracy",
+                    f"{100 * ci['test_accuracy']:.1f} % of {ci['test_samples']}",
+                    f"{100 * ct['test_accuracy']:.1f} % of {ct['test_samples']}",
+                ],
+            ],
+        )
+    )
+    section.blocks.append(
+        f"Throughput: forward passes in batches of {args.batch_size} for at least "
+        f"{args.throughput_seconds} s on this machine; text batches padded to their longest text."
+    )
 
     # 3. Attention
     section = report.section("3. Attention")
-    section.blocks.append("CLS attention per layer (heads averaged) and attention rollout (Abnar & Zuidema "
-                          "2020), captured with vit.attention_maps.capture_attention while the model runs "
-                          "its fused attention.")
+    section.blocks.append(
+        "CLS attention per layer (heads averaged) and attention rollout (Abnar & Zuidema "
+        "2020), captured with vit.attention_maps.capture_attention while the model runs "
+        "its fused attention."
+    )
     image_examples = attention_examples(image, _spread_indices(image.data.labels, args.examples))
     g = image.model.patch_embed.grid_size
-    report.figure(section, figures.image_attention(
-        [image.images[e["index"]] for e in image_examples],
-        np.array([e["cls_attention"] for e in image_examples]).reshape(len(image_examples), -1, g, g),
-        np.array([e["rollout"] for e in image_examples]).reshape(-1, g, g),
-        [f"#{e['index']} {e['label']}\npred. {e['predicted']}" for e in image_examples]),
-        "attention_images.png", "CLS attention over the patches, per layer, and the rollout.")
+    report.figure(
+        section,
+        figures.image_attention(
+            [image.images[e["index"]] for e in image_examples],
+            np.array([e["cls_attention"] for e in image_examples]).reshape(
+                len(image_examples), -1, g, g
+            ),
+            np.array([e["rollout"] for e in image_examples]).reshape(-1, g, g),
+            [f"#{e['index']} {e['label']}\npred. {e['predicted']}" for e in image_examples],
+        ),
+        "attention_images.png",
+        "CLS attention over the patches, per layer, and the rollout.",
+    )
     text_examples = attention_examples(text, _short_text_indices(text, args.examples))
     for n, e in enumerate(text_examples):
         tokens = e["tokens"][1:]  # CLS's attention to the other tokens; [CLS] itself left out
         rollout = np.array(e["rollout"])
-        report.figure(section, figures.text_attention(
-            tokens, np.array(e["cls_attention"]), rollout,
-            f"Text #{e['index']} ({e['label']}, predicted {e['predicted']}): CLS attention"),
-            f"attention_text_{n}.png", "CLS attention over the other tokens per layer (heads averaged), "
-            "and the rollout.")
-        section.blocks.append(Tokens(tokens, weights=list(rollout / max(rollout.max(), 1e-9)),
-                                     caption=f"Text #{e['index']}: rollout, darker = more attention"))
+        report.figure(
+            section,
+            figures.text_attention(
+                tokens,
+                np.array(e["cls_attention"]),
+                rollout,
+                f"Text #{e['index']} ({e['label']}, predicted {e['predicted']}): CLS attention",
+            ),
+            f"attention_text_{n}.png",
+            "CLS attention over the other tokens per layer (heads averaged), and the rollout.",
+        )
+        section.blocks.append(
+            Tokens(
+                tokens,
+                weights=list(rollout / max(rollout.max(), 1e-9)),
+                caption=f"Text #{e['index']}: rollout, darker = more attention",
+            )
+        )
     summary["attention"] = {"image": image_examples, "text": text_examples}
 
     # 4. Positional probes
     section = report.section("4. Positional probes")
-    section.blocks.append("Unchanged: the test set as it is. Tokens shuffled: each sample's patches moved "
-                          "to random places in the image, or its tokens between [CLS] and [SEP] put in a "
-                          "random order. Positions removed: the tokens' learned positional embeddings "
-                          "set to zero (CLS keeps its own).")
-    probes = {"image": positional_probes(image.model, image.data, args.seed),
-              "text": positional_probes(text.model, text.data, args.seed)}
+    section.blocks.append(
+        "Unchanged: the test set as it is. Tokens shuffled: each sample's patches moved "
+        "to random places in the image, or its tokens between [CLS] and [SEP] put in a "
+        "random order. Positions removed: the tokens' learned positional embeddings "
+        "set to zero (CLS keeps its own)."
+    )
+    probes = {
+        "image": positional_probes(image.model, image.data, args.seed),
+        "text": positional_probes(text.model, text.data, args.seed),
+    }
     summary["positional_probes"] = probes
-    report.figure(section, figures.probes(probes), "probes.png",
-                  "Test accuracy as trained, with each sample's tokens shuffled, and with the tokens' "
-                  "positional embeddings set to zero.")
-    section.blocks.append(Table(["model", "unchanged", "tokens shuffled", "positions removed",
-                                 "drop when shuffled (points)"], [
-        [name, f"{100 * p['accuracy']:.1f} %", f"{100 * p['shuffled']:.1f} %", f"{100 * p['no_positions']:.1f} %",
-         f"{100 * (p['accuracy'] - p['shuffled']):.1f}"] for name, p in probes.items()]))
+    report.figure(
+        section,
+        figures.probes(probes),
+        "probes.png",
+        "Test accuracy as trained, with each sample's tokens shuffled, and with the tokens' "
+        "positional embeddings set to zero.",
+    )
+    section.blocks.append(
+        Table(
+            [
+                "model",
+                "unchanged",
+                "tokens shuffled",
+                "positions removed",
+                "drop when shuffled (points)",
+            ],
+            [
+                [
+                    name,
+                    f"{100 * p['accuracy']:.1f} %",
+                    f"{100 * p['shuffled']:.1f} %",
+                    f"{100 * p['no_positions']:.1f} %",
+                    f"{100 * (p['accuracy'] - p['shuffled']):.1f}",
+                ]
+                for name, p in probes.items()
+            ],
+        )
+    )
 
     # 5. Positional embeddings
     section = report.section("5. Learned positional embeddings")
-    similarity = {"image": position_similarity_summary(image.model), "text": position_similarity_summary(text.model)}
+    similarity = {
+        "image": position_similarity_summary(image.model),
+        "text": position_similarity_summary(text.model),
+    }
     summary["positional_embeddings"] = {
         **similarity,
-        "image_similarity": figures.cosine_similarity(image.model.pos_embed[0, 1:]).round(4).tolist(),
+        "image_similarity": figures.cosine_similarity(image.model.pos_embed[0, 1:])
+        .round(4)
+        .tolist(),
         "text_similarity": figures.cosine_similarity(text.model.pos_embed[0, 1:]).round(4).tolist(),
     }
-    report.figure(section, figures.image_position_similarity(image.model.pos_embed[0, 1:], g),
-                  "positions_image.png", "Tile (r, c) shows the cosine similarity of patch (r, c)'s "
-                  "position embedding to every other patch's.")
-    report.figure(section, figures.text_position_similarity(text.model.pos_embed[0, 1:]),
-                  "positions_text.png", "Cosine similarity of text positions 1..T to each other.")
-    section.blocks.append(Table(["model", "neighbouring positions", "all pairs"], [
-        [name, f"{s['neighbour_mean']:.3f}", f"{s['all_pairs_mean']:.3f}"] for name, s in similarity.items()]))
+    report.figure(
+        section,
+        figures.image_position_similarity(image.model.pos_embed[0, 1:], g),
+        "positions_image.png",
+        "Tile (r, c) shows the cosine similarity of patch (r, c)'s "
+        "position embedding to every other patch's.",
+    )
+    report.figure(
+        section,
+        figures.text_position_similarity(text.model.pos_embed[0, 1:]),
+        "positions_text.png",
+        "Cosine similarity of text positions 1..T to each other.",
+    )
+    section.blocks.append(
+        Table(
+            ["model", "neighbouring positions", "all pairs"],
+            [
+                [name, f"{s['neighbour_mean']:.3f}", f"{s['all_pairs_mean']:.3f}"]
+                for name, s in similarity.items()
+            ],
+        )
+    )
 
     # 6. Matched budget
     section = report.section("6. Matched-budget experiment")
     if args.matched_results:
         matched = json.loads(Path(args.matched_results).read_text())
     else:
-        matched = run_matched(Path(args.image_root_train or args.image_root), Path(args.text_train).parent,
-                              Budget(variant=args.variant, steps=args.matched_steps, seed=args.seed),
-                              text_train_limit=args.matched_text_train)
+        matched = run_matched(
+            Path(args.image_root_train or args.image_root),
+            Path(args.text_train).parent,
+            Budget(variant=args.variant, steps=args.matched_steps, seed=args.seed),
+            text_train_limit=args.matched_text_train,
+        )
     summary["matched_budget"] = matched
     if args.matched_results:
         note = f" Results read from {args.matched_results}, written by: {matched.get('command', 'unknown')}."
     else:
-        note = (" A quick run with few steps on the data above, so that the report stays fast; run "
-                "`python -m vit.compare matched` with more steps and the full data sets for a real "
-                "comparison and pass its matched.json with --matched-results.")
+        note = (
+            " A quick run with few steps on the data above, so that the report stays fast; run "
+            "`python -m vit.compare matched` with more steps and the full data sets for a real "
+            "comparison and pass its matched.json with --matched-results."
+        )
     section.blocks += matched_blocks(matched, note)
 
     summary["seconds"] = time.perf_counter() - started
@@ -379,21 +576,50 @@ def matched_blocks(matched: dict[str, Any], note: str = "") -> list[str | Table]
     rows = matched["rows"]
     limit = matched["text_train_limit"]
     return [
-        f"Same encoder ({b['variant']}), {b['tokens']} tokens + CLS per sample (text cut or padded to it), "
-        f"AdamW lr {b['lr']} wd {b['weight_decay']}, warmup {b['warmup_fraction']:.0%} then cosine, "
-        f"{b['steps']} steps of {b['batch_size']}, no augmentation, seed {b['seed']}. "
-        f"Images: {matched['image_root']}; texts: {matched['text_root']} "
-        f"({'all' if limit is None else f'the first {limit:,}'} training texts, {matched['tokenizer']} "
-        f"tokenizer).{note}",
-        Table(["modality", "train / test samples", "tokens computed (unpadded mean)", "encoder params",
-               "all params", "train time", "final train loss", "test accuracy", "tokens shuffled",
-               "positions removed", "majority class"],
-              [[r["modality"], f"{r['train_samples']:,} / {r['test_samples']:,}",
-                f"{r['tokens_per_sample']} ({r['unpadded_tokens_mean']:.1f})", f"{r['encoder_parameters']:,}",
-                f"{r['total_parameters']:,}", f"{r['train_seconds']:.0f} s", f"{r['final_train_loss']:.3f}",
-                *(f"{100 * r[k]:.1f} %" for k in ("test_accuracy", "shuffled_accuracy", "no_positions_accuracy",
-                                                   "majority_class_accuracy"))]
-               for r in rows]),
+        (
+            f"Same encoder ({b['variant']}), {b['tokens']} tokens + CLS per sample (text cut or padded to it), "
+            f"AdamW lr {b['lr']} wd {b['weight_decay']}, warmup {b['warmup_fraction']:.0%} then cosine, "
+            f"{b['steps']} steps of {b['batch_size']}, no augmentation, seed {b['seed']}. "
+            f"Images: {matched['image_root']}; texts: {matched['text_root']} "
+            f"({'all' if limit is None else f'the first {limit:,}'} training texts, {matched['tokenizer']} "
+            f"tokenizer).{note}"
+        ),
+        Table(
+            [
+                "modality",
+                "train / test samples",
+                "tokens computed (unpadded mean)",
+                "encoder params",
+                "all params",
+                "train time",
+                "final train loss",
+                "test accuracy",
+                "tokens shuffled",
+                "positions removed",
+                "majority class",
+            ],
+            [
+                [
+                    r["modality"],
+                    f"{r['train_samples']:,} / {r['test_samples']:,}",
+                    f"{r['tokens_per_sample']} ({r['unpadded_tokens_mean']:.1f})",
+                    f"{r['encoder_parameters']:,}",
+                    f"{r['total_parameters']:,}",
+                    f"{r['train_seconds']:.0f} s",
+                    f"{r['final_train_loss']:.3f}",
+                    *(
+                        f"{100 * r[k]:.1f} %"
+                        for k in (
+                            "test_accuracy",
+                            "shuffled_accuracy",
+                            "no_positions_accuracy",
+                            "majority_class_accuracy",
+                        )
+                    ),
+                ]
+                for r in rows
+            ],
+        ),
     ]
 
 
@@ -402,18 +628,24 @@ def print_tokens(args: argparse.Namespace) -> None:
     if args.image:
         array = load_image(args.image, args.image_size)
         view = image_tokenization(args.image_size, args.patch_size)
-        print(f"image {args.image}: {array.shape[1]}x{array.shape[0]} pixels, patches of "
-              f"{args.patch_size}x{args.patch_size} -> {view['grid']}x{view['grid']} grid = {view['patches']} "
-              f"patch tokens + CLS = {view['sequence_length']} tokens, {view['values_per_token']} values each")
+        print(
+            f"image {args.image}: {array.shape[1]}x{array.shape[0]} pixels, patches of "
+            f"{args.patch_size}x{args.patch_size} -> {view['grid']}x{view['grid']} grid = {view['patches']} "
+            f"patch tokens + CLS = {view['sequence_length']} tokens, {view['values_per_token']} values each"
+        )
         for row in range(view["grid"]):
-            print("  " + " ".join(f"{row * view['grid'] + col + 1:4d}" for col in range(view["grid"])))
+            print(
+                "  " + " ".join(f"{row * view['grid'] + col + 1:4d}" for col in range(view["grid"]))
+            )
     if args.text:
         table = TextTable(Path(args.text_train), "sentence", "label")
         for kind, tokenizer in train_tokenizers(table.texts[: args.tokenizer_texts]).items():
             v = tokenization(tokenizer, args.text)
             shown = " ".join(f"[{t}]" if u else t for t, u in zip(v["tokens"], v["unknown"]))
-            print(f"\n{kind} (vocabulary {v['vocab_size']}): {v['count']} tokens, "
-                  f"{sum(v['special'])} special, {v['unknown_count']} unknown")
+            print(
+                f"\n{kind} (vocabulary {v['vocab_size']}): {v['count']} tokens, "
+                f"{sum(v['special'])} special, {v['unknown_count']} unknown"
+            )
             print(f"  tokens: {shown}")
             print(f"  ids:    {' '.join(map(str, v['ids']))}")
 
@@ -422,41 +654,84 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="python -m vit.compare", description=__doc__.split("\n")[0])
     commands = top.add_subparsers(dest="command")
     report = commands.add_parser("report", help="write the full report (the default command)")
-    report.add_argument("--image-checkpoint", help="a .ckpt or bundle of an image model (default: fresh)")
-    report.add_argument("--text-checkpoint", help="a .ckpt or bundle of a text model (default: fresh)")
+    report.add_argument(
+        "--image-checkpoint", help="a .ckpt or bundle of an image model (default: fresh)"
+    )
+    report.add_argument(
+        "--text-checkpoint", help="a .ckpt or bundle of a text model (default: fresh)"
+    )
     report.add_argument("--out", default="runs/compare", help="output folder")
-    report.add_argument("--image-root", default="data/cifar10-sample", help="image folder with test/")
-    report.add_argument("--image-root-train", help="images for the matched experiment (default --image-root)")
-    report.add_argument("--text-train", default="data/sst2/train.tsv", help="texts the tokenizers learn from")
+    report.add_argument(
+        "--image-root", default="data/cifar10-sample", help="image folder with test/"
+    )
+    report.add_argument(
+        "--image-root-train", help="images for the matched experiment (default --image-root)"
+    )
+    report.add_argument(
+        "--text-train", default="data/sst2/train.tsv", help="texts the tokenizers learn from"
+    )
     report.add_argument("--text-test", default="data/sst2/test.tsv", help="labelled test texts")
-    report.add_argument("--max-texts", type=int, default=None, help="use only the first N test texts")
-    report.add_argument("--tokenizer-texts", type=int, default=5000, help="training texts per tokenizer")
+    report.add_argument(
+        "--max-texts", type=int, default=None, help="use only the first N test texts"
+    )
+    report.add_argument(
+        "--tokenizer-texts", type=int, default=5000, help="training texts per tokenizer"
+    )
     report.add_argument("--sentence", default=DEFAULT_SENTENCE, help="the sentence shown tokenised")
-    report.add_argument("--variant", default="nano", help="encoder size of freshly initialised models")
-    report.add_argument("--examples", type=int, default=3, help="images and texts in the attention section")
-    report.add_argument("--batch-size", type=int, default=64, help="batch size of the throughput runs")
-    report.add_argument("--throughput-seconds", type=float, default=1.0, help="seconds per throughput run")
-    report.add_argument("--matched-steps", type=int, default=20, help="steps of the quick matched run")
-    report.add_argument("--matched-text-train", type=int, default=2000, help="training texts of that run")
+    report.add_argument(
+        "--variant", default="nano", help="encoder size of freshly initialised models"
+    )
+    report.add_argument(
+        "--examples", type=int, default=3, help="images and texts in the attention section"
+    )
+    report.add_argument(
+        "--batch-size", type=int, default=64, help="batch size of the throughput runs"
+    )
+    report.add_argument(
+        "--throughput-seconds", type=float, default=1.0, help="seconds per throughput run"
+    )
+    report.add_argument(
+        "--matched-steps", type=int, default=20, help="steps of the quick matched run"
+    )
+    report.add_argument(
+        "--matched-text-train", type=int, default=2000, help="training texts of that run"
+    )
     report.add_argument("--matched-results", help="a matched.json from `matched` to show instead")
     report.add_argument("--seed", type=int, default=0)
-    report.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    report.add_argument(
+        "--threads", type=int, help="CPU threads for torch (default: torch's choice)"
+    )
 
-    tokens = commands.add_parser("tokens", help="print how one image and one sentence are tokenised")
+    tokens = commands.add_parser(
+        "tokens", help="print how one image and one sentence are tokenised"
+    )
     tokens.add_argument("--image", help="an image file")
     tokens.add_argument("--text", help="a sentence")
     tokens.add_argument("--image-size", type=int, default=32)
     tokens.add_argument("--patch-size", type=int, default=4)
-    tokens.add_argument("--text-train", default="data/sst2/train.tsv", help="texts the tokenizers learn from")
-    tokens.add_argument("--tokenizer-texts", type=int, default=5000, help="training texts per tokenizer")
+    tokens.add_argument(
+        "--text-train", default="data/sst2/train.tsv", help="texts the tokenizers learn from"
+    )
+    tokens.add_argument(
+        "--tokenizer-texts", type=int, default=5000, help="training texts per tokenizer"
+    )
 
     matched = commands.add_parser("matched", help="run the matched-budget experiment alone")
-    matched.add_argument("--image-root", default="data/cifar10-sample",
-                         help="image folder or CIFAR-10 (e.g. ../shared/data/cifar10-jpeg)")
-    matched.add_argument("--text-root", default="data/sst2", help="folder with train.tsv and test.tsv")
-    matched.add_argument("--text-train-limit", type=int, default=5000, help="training texts (0: all)")
+    matched.add_argument(
+        "--image-root",
+        default="data/cifar10-sample",
+        help="image folder or CIFAR-10 (e.g. ../shared/data/cifar10-jpeg)",
+    )
+    matched.add_argument(
+        "--text-root", default="data/sst2", help="folder with train.tsv and test.tsv"
+    )
+    matched.add_argument(
+        "--text-train-limit", type=int, default=5000, help="training texts (0: all)"
+    )
     matched.add_argument("--out", default="runs/compare", help="writes matched.json here")
-    matched.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    matched.add_argument(
+        "--threads", type=int, help="CPU threads for torch (default: torch's choice)"
+    )
     for field, default in asdict(Budget()).items():
         matched.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=default)
     return top
@@ -472,12 +747,16 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     if args.command == "tokens":
         if not (args.image or args.text):
-            raise SystemExit("tokens: pass --image FILE, --text \"...\" or both.")
+            raise SystemExit('tokens: pass --image FILE, --text "..." or both.')
         print_tokens(args)
     elif args.command == "matched":
         budget = Budget(**{f: getattr(args, f) for f in asdict(Budget())})
-        result = run_matched(Path(args.image_root), Path(args.text_root), budget,
-                             text_train_limit=args.text_train_limit or None)
+        result = run_matched(
+            Path(args.image_root),
+            Path(args.text_root),
+            budget,
+            text_train_limit=args.text_train_limit or None,
+        )
         result["command"], result["machine"] = command, _machine()
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -488,8 +767,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\nwrote {out / 'matched.json'}")
     else:
         summary = build_report(args, command)
-        print(f"wrote {Path(args.out) / 'report.html'}, report.md, summary.json and the figures "
-              f"in {summary['seconds']:.0f} s")
+        print(
+            f"wrote {Path(args.out) / 'report.html'}, report.md, summary.json and the figures "
+            f"in {summary['seconds']:.0f} s"
+        )
 
 
 if __name__ == "__main__":

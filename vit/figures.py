@@ -8,17 +8,20 @@ the same printed in greyscale; bars are told apart by hatching as well as colour
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import numpy as np
+import torch
+from matplotlib.figure import Figure
 
 MAP = "magma"
 SIMILARITY_MAP = "viridis"
+
+
+def _subplots(rows: int = 1, cols: int = 1, **kwargs: Any) -> tuple[Figure, Any]:
+    """A figure of its own (no pyplot state, no display backend) and its axes."""
+    fig = Figure(figsize=kwargs.pop("figsize"))
+    return fig, fig.subplots(rows, cols, **kwargs)
 
 
 def _picture(image: torch.Tensor) -> np.ndarray:
@@ -30,7 +33,7 @@ def patch_grid(image: torch.Tensor, patch_size: int, title: str) -> Figure:
     """The image cut into its numbered P x P patches, in the order they become tokens."""
     size = image.shape[-1]
     grid = size // patch_size
-    fig, ax = plt.subplots(figsize=(5.2, 5.2))
+    fig, ax = _subplots(figsize=(5.2, 5.2))
     ax.imshow(_picture(image), extent=(0, size, size, 0), interpolation="nearest")
     for edge in range(0, size + 1, patch_size):
         ax.axhline(edge, color="white", linewidth=1.2)
@@ -39,9 +42,16 @@ def patch_grid(image: torch.Tensor, patch_size: int, title: str) -> Figure:
         ax.axvline(edge, color="black", linewidth=0.4)
     for index in range(grid * grid):
         row, col = divmod(index, grid)
-        ax.text((col + 0.5) * patch_size, (row + 0.5) * patch_size, str(index + 1),
-                ha="center", va="center", fontsize=max(5, 60 // grid), color="white",
-                bbox=dict(boxstyle="round,pad=0.1", facecolor="black", alpha=0.55, linewidth=0))
+        ax.text(
+            (col + 0.5) * patch_size,
+            (row + 0.5) * patch_size,
+            str(index + 1),
+            ha="center",
+            va="center",
+            fontsize=max(5, 60 // grid),
+            color="white",
+            bbox={"boxstyle": "round,pad=0.1", "facecolor": "black", "alpha": 0.55, "linewidth": 0},
+        )
     ax.set_title(title)
     ax.set_xlabel("pixel column")
     ax.set_ylabel("pixel row")
@@ -51,12 +61,23 @@ def patch_grid(image: torch.Tensor, patch_size: int, title: str) -> Figure:
 
 def token_counts(image_tokens: int, text_tokens: np.ndarray) -> Figure:
     """Histogram of tokens per sentence against the fixed number of tokens per image."""
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    fig, ax = _subplots(figsize=(6.4, 3.6))
     top = max(int(text_tokens.max()), image_tokens) + 2
-    ax.hist(text_tokens, bins=np.arange(0, top + 1), color="0.55", edgecolor="black",
-            hatch="//", label=f"text (mean {text_tokens.mean():.1f}, sd {text_tokens.std():.1f})")
-    ax.axvline(image_tokens, color="black", linewidth=2, linestyle="--",
-               label=f"image (always {image_tokens})")
+    ax.hist(
+        text_tokens,
+        bins=np.arange(0, top + 1),
+        color="0.55",
+        edgecolor="black",
+        hatch="//",
+        label=f"text (mean {text_tokens.mean():.1f}, sd {text_tokens.std():.1f})",
+    )
+    ax.axvline(
+        image_tokens,
+        color="black",
+        linewidth=2,
+        linestyle="--",
+        label=f"image (always {image_tokens})",
+    )
     ax.set_title("Tokens per test sample, CLS included")
     ax.set_xlabel("tokens the encoder sees")
     ax.set_ylabel("test samples")
@@ -78,10 +99,14 @@ def image_attention(
     """
     num, layers = cls_maps.shape[:2]
     cols = layers + 2
-    relative = np.concatenate([cls_maps.reshape(num, layers, -1), rollout.reshape(num, 1, -1)], axis=1)
-    relative = relative / relative.sum(axis=-1, keepdims=True) * relative.shape[-1]  # 1 = even spread
+    relative = np.concatenate(
+        [cls_maps.reshape(num, layers, -1), rollout.reshape(num, 1, -1)], axis=1
+    )
+    relative = (
+        relative / relative.sum(axis=-1, keepdims=True) * relative.shape[-1]
+    )  # 1 = even spread
     top = max(2.0, float(relative.max()))
-    fig, axes = plt.subplots(num, cols, figsize=(1.9 * cols + 0.8, 2.0 * num + 0.6), squeeze=False)
+    fig, axes = _subplots(num, cols, figsize=(1.9 * cols + 0.8, 2.0 * num + 0.6), squeeze=False)
     grid = cls_maps.shape[-1]
     for k in range(num):
         size = images[k].shape[-1]
@@ -90,20 +115,31 @@ def image_attention(
         for j in range(layers + 1):
             ax = axes[k, j + 1]
             ax.imshow(_picture(images[k]).mean(axis=2), cmap="gray", extent=extent)
-            shown = ax.imshow(relative[k, j].reshape(grid, grid), cmap=MAP, alpha=0.7, vmin=0, vmax=top,
-                              extent=extent, interpolation="nearest")
+            shown = ax.imshow(
+                relative[k, j].reshape(grid, grid),
+                cmap=MAP,
+                alpha=0.7,
+                vmin=0,
+                vmax=top,
+                extent=extent,
+                interpolation="nearest",
+            )
         for j, ax in enumerate(axes[k]):
             ax.set_xticks([])
             ax.set_yticks([])
             if k == 0:
-                ax.set_title(["image", *(f"layer {i + 1}" for i in range(layers)), "rollout"][j], fontsize=9)
+                ax.set_title(
+                    ["image", *(f"layer {i + 1}" for i in range(layers)), "rollout"][j], fontsize=9
+                )
         axes[k, 0].set_ylabel(titles[k], fontsize=8)
     fig.suptitle("Where CLS attends in each image (heads averaged)")
     fig.colorbar(shown, ax=axes, fraction=0.03, label="attention / even spread (1 = uniform)")
     return fig
 
 
-def text_attention(tokens: Sequence[str], cls_maps: np.ndarray, rollout: np.ndarray, title: str) -> Figure:
+def text_attention(
+    tokens: Sequence[str], cls_maps: np.ndarray, rollout: np.ndarray, title: str
+) -> Figure:
     """One sentence: each layer's CLS attention over its tokens, and the rollout, as shaded rows.
 
     Args:
@@ -114,7 +150,7 @@ def text_attention(tokens: Sequence[str], cls_maps: np.ndarray, rollout: np.ndar
     """
     rows = np.concatenate([cls_maps, rollout[None]], axis=0)
     labels = [f"layer {i + 1}" for i in range(len(cls_maps))] + ["rollout"]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.42 * len(tokens) + 2), 0.42 * len(rows) + 1.8))
+    fig, ax = _subplots(figsize=(max(6.0, 0.42 * len(tokens) + 2), 0.42 * len(rows) + 1.8))
     shown = ax.imshow(rows, cmap=MAP, aspect="auto", vmin=0, vmax=max(float(rows.max()), 1e-9))
     ax.set_xticks(range(len(tokens)), tokens, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
@@ -140,8 +176,8 @@ def image_position_similarity(pos_embed: torch.Tensor, grid: int) -> Figure:
     for r in range(grid):
         for c in range(grid):
             top, left = r * (grid + gap), c * (grid + gap)
-            canvas[top:top + grid, left:left + grid] = sim[r, c]
-    fig, ax = plt.subplots(figsize=(6.0, 5.4))
+            canvas[top : top + grid, left : left + grid] = sim[r, c]
+    fig, ax = _subplots(figsize=(6.0, 5.4))
     shown = ax.imshow(canvas, cmap=SIMILARITY_MAP, vmin=-1, vmax=1, interpolation="nearest")
     ticks = [r * (grid + gap) + grid / 2 - 0.5 for r in range(grid)]
     ax.set_xticks(ticks, range(1, grid + 1))
@@ -156,10 +192,16 @@ def image_position_similarity(pos_embed: torch.Tensor, grid: int) -> Figure:
 
 def text_position_similarity(pos_embed: torch.Tensor) -> Figure:
     """The (T, T) similarity of text positions: a band along the diagonal if order is learned."""
-    fig, ax = plt.subplots(figsize=(5.6, 4.8))
+    fig, ax = _subplots(figsize=(5.6, 4.8))
     n = len(pos_embed)
-    shown = ax.imshow(cosine_similarity(pos_embed), cmap=SIMILARITY_MAP, vmin=-1, vmax=1,
-                      interpolation="nearest", extent=(0.5, n + 0.5, n + 0.5, 0.5))
+    shown = ax.imshow(
+        cosine_similarity(pos_embed),
+        cmap=SIMILARITY_MAP,
+        vmin=-1,
+        vmax=1,
+        interpolation="nearest",
+        extent=(0.5, n + 0.5, n + 0.5, 0.5),
+    )
     ax.set_xlabel("token position (1 = first after CLS)")
     ax.set_ylabel("token position")
     ax.set_title("Text positions: cosine similarity", fontsize=11)
@@ -170,16 +212,26 @@ def text_position_similarity(pos_embed: torch.Tensor) -> Figure:
 
 def probes(results: dict[str, dict[str, float]]) -> Figure:
     """Grouped bars: accuracy as is, with tokens shuffled and without positions, per modality."""
-    conditions = [("accuracy", "unchanged", "0.2", ""), ("shuffled", "tokens shuffled", "0.55", "//"),
-                  ("no_positions", "positions removed", "0.85", "xx")]
+    conditions = [
+        ("accuracy", "unchanged", "0.2", ""),
+        ("shuffled", "tokens shuffled", "0.55", "//"),
+        ("no_positions", "positions removed", "0.85", "xx"),
+    ]
     names = list(results)
     x = np.arange(len(names))
     width = 0.26
-    fig, ax = plt.subplots(figsize=(6.0, 3.8))
+    fig, ax = _subplots(figsize=(6.0, 3.8))
     for i, (key, label, colour, hatch) in enumerate(conditions):
         values = [100 * results[name][key] for name in names]
-        bars = ax.bar(x + (i - 1) * width, values, width, label=label, color=colour,
-                      edgecolor="black", hatch=hatch)
+        bars = ax.bar(
+            x + (i - 1) * width,
+            values,
+            width,
+            label=label,
+            color=colour,
+            edgecolor="black",
+            hatch=hatch,
+        )
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
     ax.set_xticks(x, names)
     ax.set_ylabel("test accuracy (%)")

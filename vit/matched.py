@@ -40,7 +40,9 @@ class Budget:
     seed: int = 0  # model initialisation and batch order
 
 
-def image_split(root: Path, split: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def image_split(
+    root: Path, split: str, image_size: int
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """(N, 3, S, S) normalised CIFAR-statistics images, labels and class names of one split."""
     source = ImageSource(root)
     images, labels = load_split(source, split, image_size, default_cache_dir())
@@ -48,20 +50,29 @@ def image_split(root: Path, split: str, image_size: int) -> tuple[torch.Tensor, 
 
 
 def encode_texts(
-    table: TextTable, tokenizer: TextTokenizer, class_names: list[str], *,
-    length: int | None = None, limit: int | None = None,
+    table: TextTable,
+    tokenizer: TextTokenizer,
+    class_names: list[str],
+    *,
+    length: int | None = None,
+    limit: int | None = None,
 ) -> EvalSet:
     """The first ``limit`` rows of ``table`` encoded; with ``length``, cut or [PAD]-padded to it."""
     _, index = label_classes(table.labels, class_names)
     ids, _ = tokenizer.encode_batch(table.texts[:limit])
     if length is not None:
-        ids = torch.nn.functional.pad(ids[:, :length], (0, max(0, length - ids.shape[1])),
-                                      value=tokenizer.pad_id)
-    keys = [str(int(label)) if label.lstrip("+-").isdigit() else label for label in table.labels[:limit]]
+        ids = torch.nn.functional.pad(
+            ids[:, :length], (0, max(0, length - ids.shape[1])), value=tokenizer.pad_id
+        )
+    keys = [
+        str(int(label)) if label.lstrip("+-").isdigit() else label for label in table.labels[:limit]
+    ]
     missing = sorted(set(keys) - set(index))
     if missing:
-        raise ValueError(f"{table.path} has labels {missing[:10]} that the model's classes "
-                         f"{class_names} do not cover.")
+        raise ValueError(
+            f"{table.path} has labels {missing[:10]} that the model's classes "
+            f"{class_names} do not cover."
+        )
     return EvalSet(ids, torch.tensor([index[key] for key in keys]), tokenizer.pad_id)
 
 
@@ -71,7 +82,10 @@ def train(model: TokenClassifier, data: EvalSet, budget: Budget) -> dict[str, fl
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and n not in no_decay]
     keep = [p for n, p in model.named_parameters() if p.ndim < 2 or n in no_decay]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": budget.weight_decay}, {"params": keep, "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": budget.weight_decay},
+            {"params": keep, "weight_decay": 0.0},
+        ],
         lr=budget.lr,
     )
     warmup = max(1, round(budget.warmup_fraction * budget.steps))
@@ -94,11 +108,13 @@ def train(model: TokenClassifier, data: EvalSet, budget: Budget) -> dict[str, fl
         optimizer.step()
         scheduler.step()
         losses.append(loss.item())
-    tail = losses[-max(1, len(losses) // 10):]
+    tail = losses[-max(1, len(losses) // 10) :]
     return {"train_seconds": time.perf_counter() - start, "final_train_loss": sum(tail) / len(tail)}
 
 
-def _row(model: TokenClassifier, name: str, train_set: EvalSet, test_set: EvalSet, budget: Budget) -> dict[str, Any]:
+def _row(
+    model: TokenClassifier, name: str, train_set: EvalSet, test_set: EvalSet, budget: Budget
+) -> dict[str, Any]:
     torch.manual_seed(budget.seed)
     fit = train(model, train_set, budget)
     counts = parameter_counts(model)
@@ -121,8 +137,13 @@ def _row(model: TokenClassifier, name: str, train_set: EvalSet, test_set: EvalSe
 
 
 def run_matched(
-    image_root: Path, text_root: Path, budget: Budget, *, text_train_limit: int | None = 5000,
-    tokenizer_kind: str = "wordpiece", vocab_size: int = 8000,
+    image_root: Path,
+    text_root: Path,
+    budget: Budget,
+    *,
+    text_train_limit: int | None = 5000,
+    tokenizer_kind: str = "wordpiece",
+    vocab_size: int = 8000,
 ) -> dict[str, Any]:
     """Train an image and a text model under ``budget``; one result row for each.
 
@@ -136,12 +157,16 @@ def run_matched(
     """
     grid = math.isqrt(budget.tokens)
     if grid * grid != budget.tokens:
-        raise ValueError(f"tokens={budget.tokens} is not a square number: images need a g x g patch grid "
-                         f"(for example 16, 64 or 256).")
+        raise ValueError(
+            f"tokens={budget.tokens} is not a square number: images need a g x g patch grid "
+            f"(for example 16, 64 or 256)."
+        )
     image_size = 32
     if image_size % grid:
-        raise ValueError(f"tokens={budget.tokens} gives a {grid}x{grid} grid that does not tile "
-                         f"{image_size}x{image_size} images: use 4, 16, 64, 256 or 1024 tokens.")
+        raise ValueError(
+            f"tokens={budget.tokens} gives a {grid}x{grid} grid that does not tile "
+            f"{image_size}x{image_size} images: use 4, 16, 64, 256 or 1024 tokens."
+        )
     train_images, train_labels, classes = image_split(image_root, "train", image_size)
     test_images, test_labels, _ = image_split(image_root, "test", image_size)
     image_spec = {"modality": "image", "class_names": classes, "image_size": image_size}
@@ -151,18 +176,40 @@ def run_matched(
     table = TextTable(text_root / "train.tsv", "sentence", "label")
     text_classes, _ = label_classes(table.labels)
     length = 1 + budget.tokens  # [CLS] + tokens, [SEP] among them
-    tokenizer = TextTokenizer.train(table.texts[:text_train_limit], tokenizer_kind, vocab_size, length)
-    text_spec = {"modality": "text", "class_names": text_classes, "vocab_size": tokenizer.vocab_size,
-                 "max_length": length, "pad_id": tokenizer.pad_id}
+    tokenizer = TextTokenizer.train(
+        table.texts[:text_train_limit], tokenizer_kind, vocab_size, length
+    )
+    text_spec = {
+        "modality": "text",
+        "class_names": text_classes,
+        "vocab_size": tokenizer.vocab_size,
+        "max_length": length,
+        "pad_id": tokenizer.pad_id,
+    }
     torch.manual_seed(budget.seed)
     text_model = build_model(text_spec, variant=budget.variant)
     text_train = encode_texts(table, tokenizer, text_classes, length=length, limit=text_train_limit)
-    text_test = encode_texts(TextTable(text_root / "test.tsv", "sentence", "label"), tokenizer,
-                             text_classes, length=length)
+    text_test = encode_texts(
+        TextTable(text_root / "test.tsv", "sentence", "label"),
+        tokenizer,
+        text_classes,
+        length=length,
+    )
     rows = [
-        _row(image_model, "image", EvalSet(train_images, train_labels), EvalSet(test_images, test_labels), budget),
+        _row(
+            image_model,
+            "image",
+            EvalSet(train_images, train_labels),
+            EvalSet(test_images, test_labels),
+            budget,
+        ),
         _row(text_model, "text", text_train, text_test, budget),
     ]
-    return {"budget": asdict(budget), "image_root": str(image_root), "text_root": str(text_root),
-            "text_train_limit": text_train_limit, "tokenizer": tokenizer_kind, "rows": rows}
-
+    return {
+        "budget": asdict(budget),
+        "image_root": str(image_root),
+        "text_root": str(text_root),
+        "text_train_limit": text_train_limit,
+        "tokenizer": tokenizer_kind,
+        "rows": rows,
+    }

@@ -35,10 +35,10 @@ class EvalSet:
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(inputs, labels) batches in order; text padding trimmed to each batch's longest."""
         for start in range(0, len(self), batch_size):
-            inputs = self.inputs[start:start + batch_size]
+            inputs = self.inputs[start : start + batch_size]
             if self.pad_id is not None:
                 inputs = inputs[:, : int((inputs != self.pad_id).sum(dim=1).max())]
-            yield inputs, self.labels[start:start + batch_size]
+            yield inputs, self.labels[start : start + batch_size]
 
 
 def tokens_per_sample(model: TokenClassifier, data: EvalSet) -> torch.Tensor:
@@ -53,13 +53,17 @@ def accuracy(model: TokenClassifier, data: EvalSet, batch_size: int = 256) -> fl
     """Share of ``data`` that ``model`` classifies correctly."""
     model.eval()
     correct = sum(
-        int((model(inputs).argmax(dim=-1) == labels).sum()) for inputs, labels in data.batches(batch_size)
+        int((model(inputs).argmax(dim=-1) == labels).sum())
+        for inputs, labels in data.batches(batch_size)
     )
     return correct / len(data)
 
 
 def shuffle_tokens(
-    model: TokenClassifier, inputs: torch.Tensor, generator: torch.Generator, pad_id: int | None = None
+    model: TokenClassifier,
+    inputs: torch.Tensor,
+    generator: torch.Generator,
+    pad_id: int | None = None,
 ) -> torch.Tensor:
     """``inputs`` with each sample's tokens in a random order: image patches or text ids."""
     if isinstance(model, ImageClassifier):
@@ -67,11 +71,13 @@ def shuffle_tokens(
         patches = rearrange(inputs, "b c (gh p) (gw q) -> b (gh gw) c p q", p=p, q=p)
         order = torch.rand(patches.shape[:2], generator=generator).argsort(dim=1)
         patches = patches[torch.arange(len(patches))[:, None], order]
-        return rearrange(patches, "b (gh gw) c p q -> b c (gh p) (gw q)", gh=model.patch_embed.grid_size)
+        return rearrange(
+            patches, "b (gh gw) c p q -> b c (gh p) (gw q)", gh=model.patch_embed.grid_size
+        )
     shuffled = inputs.clone()
     for row, length in zip(shuffled, (inputs != pad_id).sum(dim=1).tolist()):
         inner = torch.randperm(max(length - 2, 0), generator=generator) + 1  # [CLS] ... [SEP] kept
-        row[1:length - 1] = row[inner]
+        row[1 : length - 1] = row[inner]
     return shuffled
 
 
@@ -91,17 +97,22 @@ def positions_removed(model: TokenClassifier) -> Iterator[None]:
 def positional_probes(model: TokenClassifier, data: EvalSet, seed: int = 0) -> dict[str, float]:
     """Test accuracy as it is, with each sample's tokens shuffled, and without positions."""
     generator = torch.Generator().manual_seed(seed)
-    shuffled = EvalSet(shuffle_tokens(model, data.inputs, generator, data.pad_id), data.labels, data.pad_id)
+    shuffled = EvalSet(
+        shuffle_tokens(model, data.inputs, generator, data.pad_id), data.labels, data.pad_id
+    )
     with positions_removed(model):
         no_positions = accuracy(model, data)
-    return {"accuracy": accuracy(model, data), "shuffled": accuracy(model, shuffled),
-            "no_positions": no_positions}
+    return {
+        "accuracy": accuracy(model, data),
+        "shuffled": accuracy(model, shuffled),
+        "no_positions": no_positions,
+    }
 
 
 def parameter_counts(model: TokenClassifier) -> dict[str, int]:
     """Parameters of the front end, of CLS + positions, of the shared encoder and of the head."""
     front = model.patch_embed if isinstance(model, ImageClassifier) else model.token_embed
-    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    count = lambda module: sum(p.numel() for p in module.parameters())
     return {
         "front_end": count(front),
         "cls_and_positions": model.cls_token.numel() + model.pos_embed.numel(),
@@ -137,8 +148,7 @@ def throughput(
         for (inputs, _), begin in zip(data.batches(batch_size), range(0, len(data), batch_size)):
             model(inputs)
             samples += len(inputs)
-            counted += int(tokens[begin:begin + batch_size].sum())
+            counted += int(tokens[begin : begin + batch_size].sum())
         elapsed = time.perf_counter() - start
         if elapsed >= seconds:
             return {"samples_per_s": samples / elapsed, "tokens_per_s": counted / elapsed}
-

@@ -84,15 +84,17 @@ class Report:
 
     def figure(self, section: Section, figure: Figure, name: str, caption: str) -> None:
         """Save ``figure`` as ``name`` (a .png) and show it in ``section``."""
-        import matplotlib.pyplot as plt
-
         figure.savefig(self.out_dir / name, dpi=110, bbox_inches="tight")
-        plt.close(figure)
         section.blocks.append(Picture(name, caption))
 
     def write_html(self, name: str = "report.html") -> Path:
-        parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}"
-                 f"</title><style>{_STYLE}</style></head><body><h1>{html.escape(self.title)}</h1>"]
+        title = html.escape(self.title)
+        parts = [
+            (
+                f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title>"
+                f"<style>{_STYLE}</style></head><body><h1>{title}</h1>"
+            )
+        ]
         for section in self.sections:
             parts.append(f"<h2>{html.escape(section.title)}</h2>")
             parts.extend(self._html_block(block) for block in section.blocks)
@@ -107,7 +109,8 @@ class Report:
         if isinstance(block, Table):
             head = "".join(f"<th>{html.escape(c)}</th>" for c in block.header)
             body = "".join(
-                "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in block.rows
+                "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                for row in block.rows
             )
             return f"<table><tr>{head}</tr>{body}</table>"
         if isinstance(block, Tokens):
@@ -122,11 +125,15 @@ class Report:
                     title = f" title='{w:.3f}'"
                 css = "tok unk" if block.marked and block.marked[i] else "tok"
                 spans.append(f"<span class='{css}'{style}{title}>{html.escape(token)}</span>")
-            caption = f"<figcaption>{html.escape(block.caption)}</figcaption>" if block.caption else ""
+            caption = (
+                f"<figcaption>{html.escape(block.caption)}</figcaption>" if block.caption else ""
+            )
             return f"<figure><div>{''.join(spans)}</div>{caption}</figure>"
         data = base64.b64encode((self.out_dir / block.name).read_bytes()).decode("ascii")
-        return (f"<figure><img alt='{html.escape(block.caption)}' src='data:image/png;base64,{data}'>"
-                f"<figcaption>{html.escape(block.caption)}</figcaption></figure>")
+        return (
+            f"<figure><img alt='{html.escape(block.caption)}' src='data:image/png;base64,{data}'>"
+            f"<figcaption>{html.escape(block.caption)}</figcaption></figure>"
+        )
 
     def write_markdown(self, name: str = "report.md") -> Path:
         lines = [f"# {self.title}", ""]
@@ -143,10 +150,12 @@ class Report:
         if isinstance(block, str):
             return [block]
         if isinstance(block, Table):
-            cell = lambda c: c.replace("|", "\\|")  # noqa: E731
-            return ["| " + " | ".join(map(cell, block.header)) + " |",
-                    "|" + "---|" * len(block.header),
-                    *("| " + " | ".join(map(cell, row)) + " |" for row in block.rows)]
+            cell = lambda c: c.replace("|", "\\|")
+            return [
+                "| " + " | ".join(map(cell, block.header)) + " |",
+                "|" + "---|" * len(block.header),
+                *("| " + " | ".join(map(cell, row)) + " |" for row in block.rows),
+            ]
         if isinstance(block, Tokens):
             shown = []
             for i, token in enumerate(block.tokens):
