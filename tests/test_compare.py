@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from vit.attention_maps import attention_rollout, capture_attention
-from vit.compare import load_text_side, main, tokenization, train_tokenizers
+from vit.compare import load_image_side, load_text_side, main, tokenization, train_tokenizers
+from vit.matched import Budget, run_matched
 from vit.measure import (
     EvalSet,
     accuracy,
@@ -28,6 +29,7 @@ from vit.tokenizer import TextTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SST2 = REPO / "data" / "sst2"
+SAMPLE = REPO / "data" / "cifar10-sample"
 
 
 @pytest.fixture(autouse=True)
@@ -256,3 +258,13 @@ def test_tokens_command_prints_patches_and_every_tokenizer(capsys: pytest.Captur
     assert "64 patch tokens + CLS = 65 tokens, 48 values each" in printed
     for kind in ("word", "char", "bpe", "wordpiece"):
         assert f"\n{kind} (vocabulary" in printed
+
+
+def test_matched_models_saved_as_bundles_reproduce_their_accuracy(tmp_path: Path) -> None:
+    budget = Budget(steps=2, batch_size=8)
+    result = run_matched(SAMPLE, SST2, budget, text_train_limit=100, save_dir=tmp_path)
+    image = load_image_side(str(tmp_path / "image"), SAMPLE, "nano", 0)
+    table = TextTable(SST2 / "train.tsv", "sentence", "label")
+    text = load_text_side(str(tmp_path / "text"), SST2 / "test.tsv", table, {}, "nano", 0, None)
+    assert accuracy(image.model, image.data) == result["rows"][0]["test_accuracy"]
+    assert accuracy(text.model, text.data) == result["rows"][1]["test_accuracy"]

@@ -730,6 +730,11 @@ def parser() -> argparse.ArgumentParser:
     )
     matched.add_argument("--out", default="runs/compare", help="writes matched.json here")
     matched.add_argument(
+        "--save-models",
+        action="store_true",
+        help="also write both trained models as bundles under OUT/models/ (image/, text/)",
+    )
+    matched.add_argument(
         "--threads", type=int, help="CPU threads for torch (default: torch's choice)"
     )
     for field, default in asdict(Budget()).items():
@@ -756,6 +761,7 @@ def main(argv: list[str] | None = None) -> None:
             Path(args.text_root),
             budget,
             text_train_limit=args.text_train_limit or None,
+            save_dir=Path(args.out) / "models" if args.save_models else None,
         )
         result["command"], result["machine"] = command, _machine()
         out = Path(args.out)

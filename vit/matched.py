@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from vit.augment import normalize
+from vit.checkpoint import SavedModel, save_bundle
 from vit.data import CIFAR10_MEAN, CIFAR10_STD, ImageSource, default_cache_dir, load_split
 from vit.measure import EvalSet, parameter_counts, positional_probes, tokens_per_sample
 from vit.model import TokenClassifier, build_model
@@ -144,6 +145,7 @@ def run_matched(
     text_train_limit: int | None = 5000,
     tokenizer_kind: str = "wordpiece",
     vocab_size: int = 8000,
+    save_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Train an image and a text model under ``budget``; one result row for each.
 
@@ -154,6 +156,8 @@ def run_matched(
         text_train_limit: Use only the first this many training texts (None: all).
         tokenizer_kind: The text tokenizer.
         vocab_size: The text tokenizer's vocabulary.
+        save_dir: Where to write the two trained models as bundles (``image/``, ``text/``),
+            which ``vit.classify`` and ``vit.compare --image-checkpoint`` read.
     """
     grid = math.isqrt(budget.tokens)
     if grid * grid != budget.tokens:
@@ -169,7 +173,13 @@ def run_matched(
         )
     train_images, train_labels, classes = image_split(image_root, "train", image_size)
     test_images, test_labels, _ = image_split(image_root, "test", image_size)
-    image_spec = {"modality": "image", "class_names": classes, "image_size": image_size}
+    image_spec = {
+        "modality": "image",
+        "class_names": classes,
+        "image_size": image_size,
+        "mean": list(CIFAR10_MEAN),
+        "std": list(CIFAR10_STD),
+    }
     torch.manual_seed(budget.seed)
     image_model = build_model(image_spec, variant=budget.variant, patch_size=image_size // grid)
 
@@ -205,6 +215,19 @@ def run_matched(
         ),
         _row(text_model, "text", text_train, text_test, budget),
     ]
+    if save_dir is not None:
+        for name, model, spec, patch, text_tokenizer in (
+            ("image", image_model, image_spec, image_size // grid, None),
+            ("text", text_model, text_spec, 4, tokenizer),
+        ):
+            architecture = {
+                "variant": budget.variant,
+                **asdict(model.encoder_config),
+                "patch_size": patch,
+            }
+            save_bundle(
+                SavedModel(model.eval(), spec, architecture, text_tokenizer), save_dir / name
+            )
     return {
         "budget": asdict(budget),
         "image_root": str(image_root),
