@@ -629,7 +629,7 @@ def print_tokens(args: argparse.Namespace) -> None:
         array = load_image(args.image, args.image_size)
         view = image_tokenization(args.image_size, args.patch_size)
         print(
-            f"image {args.image}: {array.shape[1]}x{array.shape[0]} pixels, patches of "
+            f"image {args.image}, resized to {array.shape[1]}x{array.shape[0]} pixels, patches of "
             f"{args.patch_size}x{args.patch_size} -> {view['grid']}x{view['grid']} grid = {view['patches']} "
             f"patch tokens + CLS = {view['sequence_length']} tokens, {view['values_per_token']} values each"
         )
@@ -641,10 +641,11 @@ def print_tokens(args: argparse.Namespace) -> None:
         table = TextTable(Path(args.text_train), "sentence", "label")
         for kind, tokenizer in train_tokenizers(table.texts[: args.tokenizer_texts]).items():
             v = tokenization(tokenizer, args.text)
-            shown = " ".join(f"[{t}]" if u else t for t, u in zip(v["tokens"], v["unknown"]))
+            shown = " ".join(f">>{t}<<" if u else t for t, u in zip(v["tokens"], v["unknown"]))
+            cut = f" (cut at max_length {v['max_length']})" if v["truncated"] else ""
             print(
-                f"\n{kind} (vocabulary {v['vocab_size']}): {v['count']} tokens, "
-                f"{sum(v['special'])} special, {v['unknown_count']} unknown"
+                f"\n{kind} (vocabulary {v['vocab_size']}): {v['count']} tokens{cut}, "
+                f"{sum(v['special'])} special, {v['unknown_count']} unknown (marked >> <<)"
             )
             print(f"  tokens: {shown}")
             print(f"  ids:    {' '.join(map(str, v['ids']))}")
