@@ -268,3 +268,10 @@ def test_matched_models_saved_as_bundles_reproduce_their_accuracy(tmp_path: Path
     text = load_text_side(str(tmp_path / "text"), SST2 / "test.tsv", table, {}, "nano", 0, None)
     assert accuracy(image.model, image.data) == result["rows"][0]["test_accuracy"]
     assert accuracy(text.model, text.data) == result["rows"][1]["test_accuracy"]
+
+
+def test_image_side_without_a_checkpoint_is_a_fresh_model_on_the_test_split() -> None:
+    side = load_image_side(None, SAMPLE, "nano", 0)
+    assert isinstance(side.model, ImageClassifier) and side.source.startswith("freshly initialised")
+    assert side.images.shape == (200, 3, 32, 32) and len(side.data) == 200
+    assert side.class_names == sorted(p.name for p in (SAMPLE / "test").iterdir())
