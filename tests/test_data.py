@@ -153,3 +153,26 @@ def test_training_batches_are_augmented_and_labels_stay_with_their_images(sample
     assert not torch.allclose(augmented, plain)
     lookup = {bytes(img.numpy()): int(lbl) for img, lbl in zip(dm.splits["train"].images, dm.splits["train"].labels)}
     assert [lookup[bytes(img.numpy())] for img in images] == labels.tolist()
+
+
+def test_a_resumed_epoch_draws_the_batches_and_augmentations_an_uninterrupted_one_would(sample_root: Path) -> None:
+    class Training:  # stands in for a Trainer in its training loop
+        training = True
+
+    def epoch_batches(dm: ImageDataModule, epoch: int) -> list[torch.Tensor]:
+        dm.trainer = Training()
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)  # as Lightning does before each epoch
+        return [dm.on_after_batch_transfer(batch, 0)[0] for batch in loader]
+
+    whole = ImageDataModule(str(sample_root), download=False, batch_size=64)
+    whole.setup("fit")
+    first, second = epoch_batches(whole, 0), epoch_batches(whole, 1)
+    assert len(second) == 14 and not torch.equal(first[0], second[0])  # reshuffled each epoch
+
+    resumed = ImageDataModule(str(sample_root), download=False, batch_size=64)
+    resumed.setup("fit")
+    resumed.load_state_dict({"epoch": 1, "batches": 5})  # a checkpoint 5 batches into epoch 1
+    rest = epoch_batches(resumed, 1)
+    assert len(rest) == 9 and all(torch.equal(a, b) for a, b in zip(rest, second[5:]))
+    assert resumed.state_dict() == {"epoch": 1, "batches": 14}

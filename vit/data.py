@@ -3,6 +3,11 @@
 Every split is decoded once into a uint8 tensor, cached on disk (safetensors, keyed by the
 files it came from) and served in whole batches; augmentation runs on the batch after it
 reaches the device (``vit.augment``), so the training loop never touches PIL.
+
+The order of the training batches and their augmentation are functions of the seed, the
+epoch, the batch and the process's rank alone, never of the global random generator; the
+data module saves how far into an epoch training got, so a run resumed from a mid-epoch
+checkpoint sees exactly the batches an uninterrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -10,17 +15,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from vit.augment import normalize, random_crop, random_hflip
+from vit.errors import ConfigError
 from vit.imageio import ImageDecodeError, is_image_file, load_image
 
 CIFAR10_CLASSES = [
@@ -78,7 +86,7 @@ class ImageSource:
         if "test" in splits and splits["test"] != splits["train"]:
             only_train = sorted(set(splits["train"]) - set(splits["test"]))
             only_test = sorted(set(splits["test"]) - set(splits["train"]))
-            raise ValueError(
+            raise ConfigError(
                 f"class folders differ between {self.root / 'train'} and {self.root / 'test'}: "
                 f"only in train: {only_train or 'none'}, only in test: {only_test or 'none'}. "
                 f"Give both splits the same class folders."
@@ -210,6 +218,34 @@ def _batch_as_is(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor
     return batch
 
 
+class EpochSampler(DistributedSampler):
+    """This process's share of a data set, reshuffled each epoch from ``(seed, epoch)``.
+
+    A ``DistributedSampler`` (of one replica when training is not distributed), so that
+    Lightning keeps it under DDP instead of replacing it, and calls ``set_epoch`` before each
+    epoch. ``resume`` makes the next pass start part-way through an epoch's order.
+    """
+
+    def __init__(
+        self, dataset: BatchTensorDataset, *, num_replicas: int = 1, rank: int = 0, seed: int = 0
+    ) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self._resume: tuple[int, int] | None = None
+
+    def resume(self, epoch: int, start: int) -> None:
+        """Begin the next pass at position ``start`` of the order, if that pass is of ``epoch``."""
+        self._resume = (epoch, start)
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        if self._resume is not None:
+            epoch, start = self._resume
+            self._resume = None
+            if epoch == self.epoch:
+                indices = indices[start:]
+        return iter(indices)
+
+
 class ImageDataModule(L.LightningDataModule):
     """CIFAR-10 or any image folder, decoded once to uint8 and augmented batch-wise.
 
@@ -227,7 +263,8 @@ class ImageDataModule(L.LightningDataModule):
         std: Per-channel standard deviation used for normalisation, in [0, 1].
         cache_dir: Where decoded splits are cached; defaults to ``~/.cache/vit``.
         num_workers: DataLoader worker processes (0 is fastest for in-memory tensors).
-        seed: Seed of the train/validation split.
+        seed: Seed of the train/validation split, of the order of training batches and of
+            their augmentation.
     """
 
     def __init__(
@@ -248,9 +285,9 @@ class ImageDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if not 0 <= val_fraction < 1:
-            raise ValueError(f"--data.val_fraction must be in [0, 1), got {val_fraction}.")
+            raise ConfigError(f"--data.val_fraction must be in [0, 1), got {val_fraction}.")
         if batch_size < 1:
-            raise ValueError(f"--data.batch_size must be at least 1, got {batch_size}.")
+            raise ConfigError(f"--data.batch_size must be at least 1, got {batch_size}.")
         self.root = Path(root).expanduser()
         self.download = download
         self.image_size = image_size
@@ -264,6 +301,8 @@ class ImageDataModule(L.LightningDataModule):
         self.seed = seed
         self.class_names = self._find_class_names()
         self.splits: dict[str, BatchTensorDataset] = {}
+        self._sampler: EpochSampler | None = None
+        self._epoch, self._batches = 0, 0  # training batches drawn so far in this epoch
 
     def _find_class_names(self) -> list[str]:
         try:
@@ -329,12 +368,18 @@ class ImageDataModule(L.LightningDataModule):
                    ": add a test/<class>/ folder beside train/.")
             )
         dataset = self.splits[split]
-        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(self.seed)) \
-            if shuffle else SequentialSampler(dataset)
-        batches = BatchSampler(sampler, self.batch_size, drop_last=shuffle and len(dataset) > self.batch_size)
+        sampler = None
+        if shuffle:
+            trainer = self.trainer if isinstance(self.trainer, L.Trainer) else None  # else one process
+            rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+            sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, seed=self.seed)
+            sampler.resume(self._epoch, self._batches * self.batch_size)
+            self._sampler = sampler
         return DataLoader(
-            dataset, batch_sampler=batches, collate_fn=_batch_as_is,
+            dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=_batch_as_is,
+            drop_last=shuffle and len(sampler) > self.batch_size,
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),  # leaves the global generator alone
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -355,7 +400,24 @@ class ImageDataModule(L.LightningDataModule):
         """Augment (training only) and normalise the uint8 batch on its device."""
         images, labels = batch
         if self.trainer is not None and self.trainer.training:
-            images = random_crop(images, self.crop_padding)
+            generator = self._next_training_batch()
+            images = random_crop(images, self.crop_padding, generator)
             if self.hflip:
-                images = random_hflip(images)
+                images = random_hflip(images, generator=generator)
         return normalize(images, self.mean, self.std), labels
+
+    def _next_training_batch(self) -> torch.Generator:
+        """Count a training batch; the generator of its augmentation, from (seed, rank, epoch, batch)."""
+        epoch, rank = self._sampler.epoch, self._sampler.rank  # Lightning sets the epoch
+        if epoch != self._epoch:
+            self._epoch, self._batches = epoch, 0
+        seed = np.random.SeedSequence([self.seed, rank, epoch, self._batches]).generate_state(1, np.uint64)[0]
+        self._batches += 1
+        return torch.Generator().manual_seed(int(seed))
+
+    def state_dict(self) -> dict[str, int]:
+        """How far training got: the epoch, and how many of its batches were drawn."""
+        return {"epoch": self._epoch, "batches": self._batches}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._epoch, self._batches = state_dict["epoch"], state_dict["batches"]
