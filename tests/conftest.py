@@ -13,8 +13,14 @@ SAMPLE = REPO / "data" / "cifar10-sample"
 
 @pytest.fixture(autouse=True)
 def _seed_and_isolate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test seeded, single-threaded enough to be fast, caching into its own folder."""
+    """Every test seeded, single-threaded enough to be fast, caching into its own folder.
+
+    One thread, here and in the processes tests start: on a shared machine two threads per
+    process spin against each other and other jobs (a nano training step was 16x slower).
+    """
     torch.manual_seed(0)
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("VIT_CACHE_DIR", str(tmp_path / "cache"))
 
 
