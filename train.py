@@ -8,7 +8,9 @@ Every option can be overridden on the command line; ``--help`` lists them and
 ``--print_config`` writes a starting YAML.
 """
 
-from vit.cli import main
+import sys
+
+from vit.cli import run
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run())

@@ -3,14 +3,35 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
 
+from vit.checkpoint import CheckpointError
+from vit.data import DataNotFoundError
+from vit.errors import ConfigError
+from vit.fault_tolerance import (
+    AtomicCheckpointIO, CheckpointOnSIGTERM, RandomState, check_checkpoint, find_last_checkpoint,
+)
+from vit.imageio import ImageDecodeError
 from vit.lit import Classifier
+from vit.run_info import RunInfo
+
+# Errors that a user fixes in the command or the data: train.py shows them as one message.
+USER_ERRORS = (
+    ConfigError, DataNotFoundError, CheckpointError, ImageDecodeError, FloatingPointError,
+    MisconfigurationException,
+)
+SUBCOMMAND_USAGE = "%(prog)s [--config FILE] [--OPTION VALUE ...]"
 
 
 def default_loggers(save_dir: str) -> list[Logger]:
@@ -23,9 +44,14 @@ def default_loggers(save_dir: str) -> list[Logger]:
 
 class TrainCLI(LightningCLI):
     """LightningCLI with the data module's ``spec`` linked into the model, default loggers
-    under ``trainer.default_root_dir``, best/last checkpoints, and a test after ``fit``."""
+    under ``trainer.default_root_dir``, best/last checkpoints written atomically (and every N
+    steps on request), a checkpoint on SIGTERM, ``--ckpt_path last`` resolved across the
+    root's ``version_N`` folders, ``run_info.json`` beside the logs, and a test after ``fit``."""
 
     def __init__(self, **kwargs: Any) -> None:
+        parser_kwargs = kwargs.pop("parser_kwargs", {})
+        for subcommand in self.subcommands():
+            parser_kwargs.setdefault(subcommand, {}).setdefault("usage", SUBCOMMAND_USAGE)
         super().__init__(
             Classifier,
             L.LightningDataModule,
@@ -34,13 +60,17 @@ class TrainCLI(LightningCLI):
                 "default_root_dir": "runs",
                 "callbacks": [
                     ModelCheckpoint(
-                        monitor="val/acc", mode="max", save_last=True,
+                        monitor="val/acc", mode="max",
                         filename="epoch{epoch:03d}-val_acc{val/acc:.4f}",
                         auto_insert_metric_name=False,
                     ),
                     LearningRateMonitor(logging_interval="step"),
+                    RandomState(),
+                    CheckpointOnSIGTERM(),
+                    RunInfo(),
                 ],
             },
+            parser_kwargs=parser_kwargs,
             **kwargs,
         )
 
@@ -50,20 +80,96 @@ class TrainCLI(LightningCLI):
             "--test_after_fit", type=bool, default=True,
             help="After fit, test the best checkpoint on the test split.",
         )
+        parser.add_argument(
+            "--checkpoint_every_n_steps", type=int | None, default=None,
+            help="Also write last.ckpt every N optimiser steps, not only at the end of each epoch.",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        root = self._get(self.config, "trainer").get("default_root_dir") or "runs"
+        if "://" in str(root):
+            return
+        try:
+            Path(root).mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=root):
+                pass
+        except OSError as err:
+            raise ConfigError(
+                f"--trainer.default_root_dir {root}: cannot write there ({err.strerror}); "
+                f"choose a folder you can write to."
+            ) from None
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         trainer_config = self._get(self.config_init, "trainer", default={})
         if trainer_config.get("logger") in (None, True):
             kwargs["logger"] = default_loggers(trainer_config.get("default_root_dir") or "runs")
-        return super().instantiate_trainer(**kwargs)
+        plugins = trainer_config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        trainer = super().instantiate_trainer(**kwargs)
+        # last.ckpt after every epoch (Lightning's save_last only follows a new best), and
+        # every N steps when asked: one callback each, as Lightning takes one trigger per callback
+        every = self._get(self.config, "checkpoint_every_n_steps")
+        triggers = [{"every_n_epochs": 1}] + ([{"every_n_train_steps": every}] if every else [])
+        for trigger in triggers:
+            trainer.callbacks.append(
+                ModelCheckpoint(filename="last", enable_version_counter=False, **trigger)
+            )
+        return trainer
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then turn ``--ckpt_path last`` into the newest good checkpoint under the root
+        directory and check that a checkpoint file given by name is readable, before the
+        model options are read from it and before anything is built."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else None
+        ckpt_path = config.get("ckpt_path") if config else None
+        if ckpt_path == "last":
+            root = config.trainer.get("default_root_dir") or "runs"
+            found = find_last_checkpoint(root)
+            if found is None and subcommand != "fit":
+                raise ConfigError(
+                    f"--ckpt_path last: no readable last.ckpt under {root}; train first, or "
+                    f"pass a checkpoint file with --ckpt_path."
+                )
+            rank_zero_info(f"--ckpt_path last: resuming from {found}" if found else
+                           f"--ckpt_path last: no checkpoint under {root} yet, starting afresh")
+            config.ckpt_path = str(found) if found else None
+        elif ckpt_path and ckpt_path not in ("best", "hpc") and "://" not in ckpt_path \
+                and not ckpt_path.startswith("registry"):
+            check_checkpoint(ckpt_path)
 
     def after_fit(self) -> None:
         if self._get(self.config, "test_after_fit") and self.trainer.state.status == "finished" \
                 and self.datamodule.test_dataloader is not None:
-            ckpt = "best" if self.trainer.checkpoint_callback.best_model_path else None
+            ckpt = self.trainer.checkpoint_callback.best_model_path or None
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
 
 
 def main(args: list[str] | None = None) -> TrainCLI:
     """Run the command line (``args`` instead of ``sys.argv`` when given)."""
     return TrainCLI(args=args)
+
+
+def user_error(error: BaseException) -> BaseException | None:
+    """The error of ``USER_ERRORS`` that ``error`` is or was raised from, if any."""
+    while error is not None:
+        if isinstance(error, USER_ERRORS):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def run(args: list[str] | None = None) -> int:
+    """``main`` as a program: a user's error is one line on stderr and exit status 1."""
+    try:
+        main(args)
+    except Exception as error:
+        found = user_error(error)
+        if found is None:
+            raise
+        print(f"error: {found}", file=sys.stderr)
+        return 1
+    return 0

@@ -370,7 +370,7 @@ class ImageDataModule(L.LightningDataModule):
         dataset = self.splits[split]
         sampler = None
         if shuffle:
-            trainer = self.trainer if isinstance(self.trainer, L.Trainer) else None  # else one process
+            trainer = self.trainer if isinstance(self.trainer, L.Trainer) else None
             rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
             sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, seed=self.seed)
             sampler.resume(self._epoch, self._batches * self.batch_size)
@@ -407,12 +407,13 @@ class ImageDataModule(L.LightningDataModule):
         return normalize(images, self.mean, self.std), labels
 
     def _next_training_batch(self) -> torch.Generator:
-        """Count a training batch; the generator of its augmentation, from (seed, rank, epoch, batch)."""
+        """Count a training batch; its augmentation's generator, from (seed, rank, epoch, batch)."""
         epoch, rank = self._sampler.epoch, self._sampler.rank  # Lightning sets the epoch
         if epoch != self._epoch:
             self._epoch, self._batches = epoch, 0
-        seed = np.random.SeedSequence([self.seed, rank, epoch, self._batches]).generate_state(1, np.uint64)[0]
+        entropy = [self.seed, rank, epoch, self._batches]
         self._batches += 1
+        seed = np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]
         return torch.Generator().manual_seed(int(seed))
 
     def state_dict(self) -> dict[str, int]:

@@ -14,7 +14,34 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from vit.checkpoint import load_into
-from vit.model import build_model
+from vit.errors import ConfigError
+from vit.model import build_model, encoder_config
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def check_model_options(
+    data_spec: dict[str, Any], variant: str, patch_size: int, **shape: int | float | None
+) -> None:
+    """Raise a ``ConfigError`` naming the option when ``--model`` options cannot fit the data."""
+    try:
+        encoder = encoder_config(variant, **shape)
+    except ValueError as err:
+        raise ConfigError(f"--model.variant: {err}") from None
+    if encoder.embed_dim % encoder.num_heads:
+        raise ConfigError(
+            f"--model.num_heads {encoder.num_heads} does not divide the token width "
+            f"--model.embed_dim {encoder.embed_dim} (variant {variant!r}): choose num_heads among "
+            f"{_divisors(encoder.embed_dim)}, or another --model.embed_dim."
+        )
+    size = data_spec.get("image_size")
+    if data_spec.get("modality") == "image" and size % patch_size:
+        raise ConfigError(
+            f"--model.patch_size {patch_size} does not divide --data.image_size {size}: choose a "
+            f"patch size among {_divisors(size)}, or another --data.image_size."
+        )
 
 
 class Classifier(L.LightningModule):
@@ -75,6 +102,10 @@ class Classifier(L.LightningModule):
         self.tokenizer_json: str | None = \
             json.dumps(tokenizer, ensure_ascii=False) if isinstance(tokenizer, dict) else tokenizer
         self.save_hyperparameters()
+        check_model_options(
+            data_spec, variant, patch_size,
+            embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+        )
         self.net = build_model(
             data_spec, variant=variant, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
             mlp_ratio=mlp_ratio, patch_size=patch_size, drop_rate=drop_rate,
@@ -94,8 +125,9 @@ class Classifier(L.LightningModule):
         return self.net(inputs)
 
     def on_fit_start(self) -> None:
-        if self.tokenizer_json is not None and self.trainer.is_global_zero and self.trainer.log_dir:
-            path = Path(self.trainer.log_dir) / "tokenizer.json"
+        log_dir = self.trainer.log_dir  # a broadcast under DDP: every rank must ask
+        if self.tokenizer_json is not None and self.trainer.is_global_zero and log_dir:
+            path = Path(log_dir) / "tokenizer.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(self.tokenizer_json, encoding="utf-8")
 

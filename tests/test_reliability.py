@@ -1,0 +1,190 @@
+"""Training survives kills, bad configurations fail early and clearly, runs reproduce, DDP shards.
+
+The kill test and the DDP test start real processes on the bundled sample, each bounded by a
+timeout; the others run the command line in this process.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.kill_resume import kill_and_resume, val_accuracy
+from vit.cli import run
+from vit.data import ImageDataModule
+from vit.fault_tolerance import AtomicCheckpointIO, find_last_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "cifar10-sample"
+NANO = [
+    "--config", str(REPO / "configs" / "quickstart.yaml"), "--data.root", str(SAMPLE),
+    "--model.variant", "nano", "--trainer.enable_progress_bar", "false",
+    "--trainer.enable_model_summary", "false",
+]
+
+
+def fit(tmp_path: Path, *extra: str) -> int:
+    return run(["fit", *NANO, "--trainer.default_root_dir", str(tmp_path / "runs"), *extra])
+
+
+def metrics(run_dir: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader((run_dir / "metrics.csv").open()))
+
+
+def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_whole(tmp_path: Path) -> None:
+    io = AtomicCheckpointIO()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
+
+    class DiesWhileSaved:
+        def __reduce__(self):
+            raise RuntimeError("killed in the middle of the save")
+
+    with pytest.raises(RuntimeError, match="killed in the middle"):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(10_000)}, "x": DiesWhileSaved()}, path)
+    assert torch.load(path, weights_only=True)["state_dict"]["w"].tolist() == [1.0, 1.0, 1.0]
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no temporary file left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_broken_checkpoints_are_named_given_explicitly_and_skipped_by_last(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    good = tmp_path / "runs" / "version_0" / "checkpoints" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 3}, good)
+    truncated = tmp_path / "runs" / "version_1" / "checkpoints" / "last.ckpt"
+    truncated.parent.mkdir(parents=True)
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    os.utime(truncated, ns=(good.stat().st_mtime_ns + 10**9,) * 2)  # the newest, as a kill leaves it
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"PK\x03\x04" + os.urandom(64))
+
+    with pytest.warns(UserWarning, match="version_1"):
+        assert find_last_checkpoint(tmp_path / "runs") == good
+    for broken in (truncated, garbage):
+        assert fit(tmp_path, "--ckpt_path", str(broken)) == 1
+        err = capsys.readouterr().err
+        assert f"error: {broken}: not a readable PyTorch checkpoint" in err and "Traceback" not in err
+
+
+def _image_folder(root: Path, splits: dict[str, list[str]]) -> Path:
+    image = next((SAMPLE / "train" / "cat").iterdir())
+    for split, classes in splits.items():
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            shutil.copy(image, root / split / name / image.name)
+    return root
+
+
+BAD_CONFIGS = {
+    "patch size": (["--model.patch_size", "5"], "--model.patch_size 5 does not divide --data.image_size 32"),
+    "heads": (["--model.num_heads", "3"], "--model.num_heads 3 does not divide"),
+    "missing data": (["--data.root", "{tmp}/nowhere"], "no image data at --data.root {tmp}/nowhere"),
+    "empty data folder": (["--data.root", "{tmp}/empty"], "train/ holds no class folders with images"),
+    "class folders differ": (["--data.root", "{tmp}/mismatch"], "only in train: ['dog'], only in test: ['bird']"),
+    "unwritable log dir": (["--trainer.default_root_dir", "{tmp}/a_file/runs"],
+                           "--trainer.default_root_dir {tmp}/a_file/runs: cannot write there"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CONFIGS)
+def test_bad_configs_fail_before_training_with_one_clear_message(
+    case: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "empty" / "train" / "cat").mkdir(parents=True)
+    _image_folder(tmp_path / "mismatch", {"train": ["cat", "dog"], "test": ["bird", "cat"]})
+    (tmp_path / "a_file").write_text("")
+    options, message = BAD_CONFIGS[case]
+    assert fit(tmp_path, *(o.format(tmp=tmp_path) for o in options)) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message.format(tmp=tmp_path) in lines[0], err
+    assert "Traceback" not in err
+    assert not list(tmp_path.glob("**/metrics.csv"))  # nothing trained
+
+
+def test_an_unknown_option_is_named_without_pages_of_usage(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        fit(tmp_path, "--model.heads", "2")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "unrecognized arguments: --model.heads 2" in err
+    assert "fit --help" in err and len(err.splitlines()) <= 4, err
+
+
+def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert fit(tmp_path, "--model.lr", "1e30", "--model.warmup_fraction", "0", "--trainer.max_epochs", "1",
+               "--trainer.limit_train_batches", "6", "--checkpoint_every_n_steps", "1") == 1
+    err = capsys.readouterr().err
+    step = int(re.search(r"error: non-finite training loss \(\w+\) at step (\d+)", err).group(1))
+    checkpoint = torch.load(tmp_path / "runs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == step >= 1
+    assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values())
+
+
+def test_same_config_and_seed_twice_give_identical_metrics_and_record_the_run(tmp_path: Path) -> None:
+    options = ["--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3",
+               "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
+               "--trainer.log_every_n_steps", "1", "--test_after_fit", "false"]
+    assert fit(tmp_path / "a", *options) == 0 and fit(tmp_path / "b", *options) == 0
+    first, second = (tmp_path / side / "runs" / "version_0" for side in "ab")
+    rows = metrics(first)
+    assert len([r for r in rows if r["train/loss_step"]]) == 6 and rows == metrics(second)
+    info = json.loads((first / "run_info.json").read_text())
+    assert info["packages"]["torch"] == version("torch") and info["packages"]["lightning"] == version("lightning")
+    assert re.fullmatch(r"[0-9a-f]{40}", info["git"]["commit"]) and isinstance(info["git"]["dirty"], bool)
+    assert (first / "config.yaml").is_file()
+
+
+def test_sigkills_at_random_moments_and_a_sigterm_cost_no_steps_and_no_accuracy(tmp_path: Path) -> None:
+    reference, resumed, stops = kill_and_resume(tmp_path, kills=5, epochs=2, every=2, batch_size=32,
+                                                batches_per_epoch=5, timeout=120)
+    kills = [stop for stop in stops if stop.signal == "SIGKILL"]
+    assert len(kills) == 5 and all(stop.exit_code == -signal.SIGKILL for stop in kills)
+    assert any(stop.during_save for stop in kills)
+    assert all(0 <= stop.steps_lost <= 2 for stop in kills if not stop.during_save)
+    sigterm = stops[-1]
+    assert sigterm.signal == "SIGTERM" and sigterm.exit_code == 0 and sigterm.steps_lost == 0
+    assert resumed.global_step == reference.global_step == 10
+    assert abs(resumed.val_acc - reference.val_acc) <= 0.01, (reference, resumed, stops)
+
+
+def test_ddp_on_two_cpu_processes_shards_syncs_and_writes_once(tmp_path: Path) -> None:
+    dm = ImageDataModule(str(SAMPLE), download=False, batch_size=64)
+    dm.setup("fit")  # decodes into the cache that both processes then read
+    root = tmp_path / "runs"
+    command = [sys.executable, str(REPO / "train.py"), "fit", *NANO, "--trainer.default_root_dir", str(root),
+               "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+               "--trainer.max_epochs", "1", "--test_after_fit", "false"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"the DDP run did not finish in 300 s:\n{output[-3000:]}")
+    assert process.returncode == 0, output[-3000:]
+
+    run_dir = root / "version_0"
+    assert [p.name for p in root.iterdir()] == ["version_0"]
+    assert len(list((run_dir / "checkpoints").iterdir())) == 2  # the best and last.ckpt, once
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 7  # 450 of the 900 images per rank
+
+    logged = [float(r["val/acc"]) for r in metrics(run_dir) if r["val/acc"]]
+    assert logged == [pytest.approx(val_accuracy(last), abs=1e-6)]  # both halves of the split counted

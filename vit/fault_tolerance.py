@@ -1,0 +1,122 @@
+"""Surviving interruptions: atomic checkpoints, a checkpoint on SIGTERM, exact resumes.
+
+- ``AtomicCheckpointIO`` writes each checkpoint to a temporary file in its own folder, syncs it
+  to disk and renames it over the old one (``os.replace``, atomic on POSIX): a kill in the middle
+  of a save leaves the previous checkpoint whole. Lightning's own writer stages the file in the
+  system's temporary folder and moves it, which is a copy when that is another file system.
+- ``CheckpointOnSIGTERM``: on SIGTERM (what cluster schedulers send before they kill) Lightning
+  stops after the current batch; this callback then writes ``last.ckpt``, and the process exits
+  with status 0.
+- ``RandomState`` carries the torch random generators (dropout, stochastic depth) through
+  checkpoints; the data module carries its own position (``vit.data``), so a resumed run draws
+  the same batches, augmentations and dropout masks as an uninterrupted one.
+- ``find_last_checkpoint`` resolves ``--ckpt_path last`` across the ``version_N`` folders of a
+  root directory, skipping files that cannot be read.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from vit.checkpoint import CheckpointError, torch_load_safely
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` to a temporary file beside the target, ``fsync``, then ``os.replace``."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
+    ) -> None:
+        if "://" in str(path) or storage_options is not None:  # remote storage: fsspec's way
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
+        try:
+            with os.fdopen(fd, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)  # make the rename itself durable
+        finally:
+            os.close(folder)
+
+
+class CheckpointOnSIGTERM(Callback):
+    """Write ``last.ckpt`` beside the other checkpoints when SIGTERM stops a fit."""
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        checkpoint = trainer.checkpoint_callback
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING \
+                or checkpoint is None or checkpoint.dirpath is None:
+            return
+        name = f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
+        path = Path(checkpoint.dirpath) / name
+        trainer.save_checkpoint(path)
+        rank_zero_info(
+            f"SIGTERM: saved {path} at step {trainer.global_step}; resume with --ckpt_path last."
+        )
+
+
+class RandomState(Callback):
+    """Keep the torch random generators (CPU and CUDA) in checkpoints; restore them on resume."""
+
+    def state_dict(self) -> dict[str, Any]:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        return {"torch": torch.get_rng_state(), "cuda": cuda}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["torch"])
+        cuda = state_dict.get("cuda", [])
+        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """Raise a ``CheckpointError`` naming ``path`` unless it is a readable training checkpoint."""
+    checkpoint = torch_load_safely(path)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(
+            f"{path}: not a training checkpoint (no state_dict); pass a .ckpt written by train.py."
+        )
+
+
+def find_last_checkpoint(root: str | Path) -> Path | None:
+    """The newest readable ``last*.ckpt`` in any ``checkpoints/`` folder under ``root``.
+
+    Unreadable files (truncated, corrupt) are skipped with a warning that names them; ``None``
+    when there is none.
+    """
+    candidates = sorted(
+        Path(root).expanduser().glob("**/checkpoints/last*.ckpt"),
+        key=lambda p: p.stat().st_mtime_ns, reverse=True,
+    )
+    for path in candidates:
+        try:
+            check_checkpoint(path)
+        except CheckpointError as err:
+            rank_zero_warn(f"skipping a checkpoint that cannot be resumed from: {err}")
+            continue
+        return path
+    return None
