@@ -97,6 +97,7 @@ BAD_CONFIGS = {
     "class folders differ": (["--data.root", "{tmp}/mismatch"], "only in train: ['dog'], only in test: ['bird']"),
     "unwritable log dir": (["--trainer.default_root_dir", "{tmp}/a_file/runs"],
                            "--trainer.default_root_dir {tmp}/a_file/runs: cannot write there"),
+    "trainer option": (["--trainer.num_nodes", "0"], "got 0. (check the --trainer options)"),
 }
 
 

@@ -107,7 +107,10 @@ class TrainCLI(LightningCLI):
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
-        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, TypeError, ValueError) as err:  # Lightning's checks
+            raise ConfigError(f"{err} (check the --trainer options)") from None
         # last.ckpt after every epoch (Lightning's save_last only follows a new best), and
         # every N steps when asked: one callback each, as Lightning takes one trigger per callback
         every = self._get(self.config, "checkpoint_every_n_steps")
