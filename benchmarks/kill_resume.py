@@ -69,7 +69,8 @@ class Interruption:
 
 @dataclass
 class Outcome:
-    global_step: int  # optimiser steps of the final checkpoint
+    checkpoint: str  # the final last.ckpt
+    global_step: int  # its optimiser steps
     val_acc: float  # its accuracy on the whole validation split
 
 
@@ -194,11 +195,19 @@ class Harness:
     def outcome(self, root: Path) -> Outcome:
         """Optimiser steps and validation accuracy of the newest checkpoint under ``root``."""
         last = find_last_checkpoint(root)
-        return Outcome(_checkpoint_step(last), val_accuracy(last))
+        return Outcome(str(last), _checkpoint_step(last), val_accuracy(last))
 
 
 def _checkpoint_step(path: Path) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+
+
+def weight_difference(a: str | Path, b: str | Path) -> float:
+    """Largest absolute difference between the model weights of two checkpoints."""
+    first, second = (
+        torch.load(p, map_location="cpu", weights_only=True)["state_dict"] for p in (a, b)
+    )
+    return max(float((first[k] - second[k]).abs().max()) for k in first)
 
 
 def val_accuracy(checkpoint: Path) -> float:
@@ -264,8 +273,11 @@ def main() -> None:
           f"max {max(lost)}")
     print(f"uninterrupted: {reference.global_step} steps, val acc {reference.val_acc:.4f}")
     print(f"interrupted:   {resumed.global_step} steps, val acc {resumed.val_acc:.4f}")
+    difference = weight_difference(reference.checkpoint, resumed.checkpoint)
+    print(f"largest difference between their weights: {difference:g}")
     print(f"{seconds:.0f} s in all")
     summary = {"reference": asdict(reference), "resumed": asdict(resumed), "seconds": seconds,
+               "weight_difference": difference,
                "interruptions": [{**asdict(s), "steps_lost": s.steps_lost} for s in interruptions]}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.kill_resume import kill_and_resume, val_accuracy
+from benchmarks.kill_resume import kill_and_resume, val_accuracy, weight_difference
 from vit.cli import run
 from vit.data import ImageDataModule
 from vit.fault_tolerance import AtomicCheckpointIO, find_last_checkpoint
@@ -162,6 +162,7 @@ def test_sigkills_at_random_moments_and_a_sigterm_cost_no_steps_and_no_accuracy(
     assert sigterm.signal == "SIGTERM" and sigterm.exit_code == 0 and sigterm.steps_lost == 0
     assert resumed.global_step == reference.global_step == 10
     assert abs(resumed.val_acc - reference.val_acc) <= 0.01, (reference, resumed, stops)
+    assert weight_difference(reference.checkpoint, resumed.checkpoint) < 1e-6  # the same run
 
 
 def test_ddp_on_two_cpu_processes_shards_syncs_and_writes_once(tmp_path: Path) -> None:
