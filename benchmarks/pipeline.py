@@ -8,7 +8,9 @@
    ``ToTensor`` and ``Normalize`` through a ``DataLoader`` (``--workers`` processes).
    Interleaved repeats, median, ratio.
 2. Epoch overhead: the wall time of ``--batches`` training steps fed by the pipeline, divided
-   by the time of the same model steps on one batch already in memory, minus one.
+   by the time of the same model steps on one batch already in memory, minus one; then the
+   same for a whole Lightning training epoch of ``train.py``'s ``Classifier`` (loader,
+   augmentation, metrics, logging and progress bar included) against its bare steps.
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ import itertools
 import statistics
 import time
 
+import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from vit.data import CIFAR10_MEAN, CIFAR10_STD, ImageDataModule
+from vit.lit import Classifier
 from vit.model import ImageClassifier, encoder_config
 
 
@@ -57,6 +62,42 @@ def rate(batches, n: int, batch_size: int) -> float:
     for _ in itertools.islice(batches, n):
         pass
     return n * batch_size / (time.perf_counter() - start)
+
+
+class EpochClock(Callback):
+    """Wall time of each training epoch, from its first batch request to its end."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def lightning_overhead(dm: ImageDataModule, variant: str, n: int, epochs: int) -> tuple[float, float]:
+    """Median seconds of a Lightning epoch of ``n`` steps, and of the same ``n`` bare steps."""
+    module = Classifier(variant, data_spec=dm.spec)
+    clock = EpochClock()
+    trainer = L.Trainer(
+        max_epochs=epochs, limit_train_batches=n, limit_val_batches=0, logger=False,
+        enable_checkpointing=False, callbacks=[clock], log_every_n_steps=10,
+    )
+    trainer.fit(module, datamodule=dm)
+    optimizer = module.configure_optimizers()["optimizer"]
+    images, labels = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    module.train()
+    bare = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        for _ in range(n):
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(module.net(images), labels, label_smoothing=0.1).backward()
+            optimizer.step()
+        bare.append(time.perf_counter() - start)
+    return statistics.median(clock.seconds[1:] or clock.seconds), statistics.median(bare)
 
 
 def main() -> None:
@@ -116,6 +157,11 @@ def main() -> None:
     overhead = statistics.median(f / a for f, a in zip(fed, alone)) - 1
     print(f"epoch overhead ({args.variant}, {n} steps): {100 * overhead:.1f} % "
           f"(fed {statistics.median(fed):.2f} s vs model alone {statistics.median(alone):.2f} s)")
+
+    epoch, bare = lightning_overhead(dm, args.variant, n, epochs=args.repeats + 1)
+    print(f"Lightning epoch overhead ({args.variant}, {n} steps, median of {args.repeats} epochs "
+          f"after the first): {100 * (epoch / bare - 1):.1f} % "
+          f"(epoch {epoch:.2f} s vs bare steps {bare:.2f} s)")
 
 
 if __name__ == "__main__":

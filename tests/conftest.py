@@ -43,13 +43,18 @@ def save_checkpoint(path: Path, data_spec: dict, tokenizer_json: str | None = No
 
 
 @pytest.fixture
-def image_checkpoint(tmp_path: Path) -> Path:
-    """A CIFAR-10-shaped image checkpoint (32x32, ten classes)."""
+def image_spec() -> dict:
+    """The data spec of CIFAR-10 (32x32, ten classes)."""
     from vit.data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
 
-    spec = {"modality": "image", "class_names": CIFAR10_CLASSES, "image_size": 32,
+    return {"modality": "image", "class_names": CIFAR10_CLASSES, "image_size": 32,
             "mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD)}
-    return save_checkpoint(tmp_path / "image.ckpt", spec)
+
+
+@pytest.fixture
+def image_checkpoint(tmp_path: Path, image_spec: dict) -> Path:
+    """A CIFAR-10-shaped image checkpoint (32x32, ten classes)."""
+    return save_checkpoint(tmp_path / "image.ckpt", image_spec)
 
 
 @pytest.fixture

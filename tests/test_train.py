@@ -39,6 +39,7 @@ def test_fit_a_few_steps_writes_checkpoints_logs_config_and_tests(tmp_path: Path
     assert (run / "checkpoints" / "last.ckpt").is_file()
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert any(r.get("val/acc") for r in rows) and any(r.get("test/acc") for r in rows)
+    assert all(float(r["time/fit_minutes"]) > 0 for r in rows if r.get("val/acc"))
     assert "test/acc" in trainer.callback_metrics
 
     # the checkpoint describes its data: no config is needed to rebuild the model
@@ -46,6 +47,16 @@ def test_fit_a_few_steps_writes_checkpoints_logs_config_and_tests(tmp_path: Path
     assert model.class_names[0] == "airplane" and model.hparams.data_spec["image_size"] == 32
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     torch.testing.assert_close(model.net.head.weight, state["state_dict"]["net.head.weight"])
+
+
+def test_compiled_model_computes_the_same_and_saves_the_same_keys(image_spec: dict) -> None:
+    eager = Classifier("nano", data_spec=dict(image_spec)).eval()
+    compiled = Classifier("nano", data_spec=dict(image_spec), compile=True).eval()
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    compiled.load_state_dict(eager.state_dict())
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(images), eager(images), rtol=1e-4, atol=1e-5)
 
 
 def test_init_from_timm_safetensors_at_another_image_size(tmp_path: Path) -> None:
@@ -77,3 +88,12 @@ def test_corrupt_weights_file_names_the_file(tmp_path: Path, content: bytes) -> 
     path.write_bytes(content)
     with pytest.raises(CheckpointError, match="broken.ckpt"):
         load_weights_file(path)
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_recipe_parses(recipe: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:  # --print_config prints, then exits
+        main(["fit", "--config", str(REPO / "configs" / recipe), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "model:" in printed and "data:" in printed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,8 @@ class Classifier(L.LightningModule):
             is its optimiser steps, or its ``--trainer.max_time`` when that ends it first.
         min_lr_ratio: Learning rate at the end of the cosine, as a share of ``lr``.
         label_smoothing: Label smoothing of the cross-entropy.
+        compile: Compile the network with ``torch.compile`` before fitting (the first steps
+            of each input shape are slow while it compiles; state-dict keys stay unchanged).
         init_from: A weights file (timm ViT ``.safetensors``/``.pth`` or a checkpoint of
             this project) to start fitting from; positions are resampled to this image size
             and a head of another class count is re-initialised.
@@ -89,6 +92,7 @@ class Classifier(L.LightningModule):
         warmup_fraction: float = 0.05,
         min_lr_ratio: float = 0.01,
         label_smoothing: float = 0.1,
+        compile: bool = False,
         init_from: str | None = None,
         data_spec: dict[str, Any] | None = None,
     ) -> None:
@@ -111,11 +115,14 @@ class Classifier(L.LightningModule):
             mlp_ratio=mlp_ratio, patch_size=patch_size, drop_rate=drop_rate,
             attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate,
         )
+        if compile:
+            self.net.compile()  # in place: no ``_orig_mod.`` prefix in the saved keys
         num_classes = self.net.num_classes
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self._initialised_from_file = False
+        self._fit_started = time.monotonic()
 
     @property
     def class_names(self) -> list[str]:
@@ -125,11 +132,18 @@ class Classifier(L.LightningModule):
         return self.net(inputs)
 
     def on_fit_start(self) -> None:
+        self._fit_started = time.monotonic()
         log_dir = self.trainer.log_dir  # a broadcast under DDP: every rank must ask
         if self.tokenizer_json is not None and self.trainer.is_global_zero and log_dir:
             path = Path(log_dir) / "tokenizer.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(self.tokenizer_json, encoding="utf-8")
+
+    def on_validation_epoch_end(self) -> None:
+        # Accuracy against wall time: each validation row of the logs carries the minutes
+        # since this process began fitting.
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            self.log("time/fit_minutes", (time.monotonic() - self._fit_started) / 60)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.tokenizer_json is not None:
