@@ -129,7 +129,8 @@ def test_flops_count_the_attention_products() -> None:
     per_layer = (
         n * (d * 3 * d + d * d + 2 * d * hidden) + 2 * n * n * d
     )  # projections, MLP, QK^T and AV
-    expected = 2 * (depth * per_layer + 16 * 48 * d + d * 3)
+    last_layer = n * d * 2 * d + (d * d + d * d + 2 * d * hidden) + 2 * n * d  # CLS alone queries
+    expected = 2 * ((depth - 1) * per_layer + last_layer + 16 * 48 * d + d * 3)
     assert flops_per_sample(model, torch.randn(1, 3, 16, 16)) == expected
     counts = parameter_counts(model)
     assert sum(counts.values()) == sum(p.numel() for p in model.parameters())

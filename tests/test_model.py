@@ -32,6 +32,22 @@ def test_timm_weights_give_timm_logits(image_size: int, patch_size: int) -> None
         torch.testing.assert_close(ours(images), theirs(images))
 
 
+def test_training_gradients_match_timm_though_the_last_block_computes_cls_alone() -> None:
+    theirs = timm_twin(32, 4, 10, SMALL).train()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_(0, 0.2)
+    ours = ImageClassifier(image_size=32, patch_size=4, num_classes=10, encoder=SMALL).train()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 3, 9, 3])
+    for model in (ours, theirs):
+        torch.nn.functional.cross_entropy(model(images), labels).backward()
+    assert ours.forward_features(images, cls_only=True).shape == (4, 1, SMALL.embed_dim)
+    theirs_grads = dict(theirs.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, theirs_grads[name].grad, msg=name)
+
+
 def test_padding_mask_keeps_padded_keys_out_of_image_model() -> None:
     model = ImageClassifier(image_size=32, patch_size=8, num_classes=5, encoder=SMALL).eval()
     images = torch.randn(2, 3, 32, 32)

@@ -43,9 +43,11 @@ def test_image_and_text_models_run_the_same_encoder_code() -> None:
     seen: list[tuple[Attention, bool]] = []
     original = Attention.forward
 
-    def spy(self: Attention, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def spy(
+        self: Attention, x: torch.Tensor, padding_mask: torch.Tensor | None = None, **kwargs: bool
+    ) -> torch.Tensor:
         seen.append((self, padding_mask is not None))
-        return original(self, x, padding_mask)
+        return original(self, x, padding_mask, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Attention, "forward", spy)
@@ -74,6 +76,8 @@ def test_padding_changes_no_logit(ids: torch.Tensor, extra: int, seed: int) -> N
         padding = ids == PAD
         noise = torch.randint(5, VOCAB, ids.shape, generator=torch.Generator().manual_seed(seed))
         other_ids_under_padding = MODEL(torch.where(padding, noise, ids), padding)
+        every_token_encoded = MODEL.forward_head(MODEL.forward_features(ids))
+    torch.testing.assert_close(every_token_encoded, logits)  # the CLS-only last block is exact
     torch.testing.assert_close(more_padding, logits)
     torch.testing.assert_close(other_ids_under_padding, logits)
 

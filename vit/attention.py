@@ -46,7 +46,11 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(
-        self, x: torch.Tensor, padding_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        *,
+        cls_only: bool = False,
     ) -> torch.Tensor:
         """Attend over ``x`` of shape (B, N, D).
 
@@ -55,10 +59,22 @@ class Attention(nn.Module):
             padding_mask: Optional (B, N) bool tensor, True where a token is padding.
                 Padding tokens are never attended to (they still produce outputs,
                 which the caller ignores).
+            cls_only: Compute the output of the first token only, (B, 1, D): every
+                token is still a key and a value, but only token 0 queries.
         """
-        q, k, v = rearrange(
-            self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads
-        )
+        if cls_only:  # rows [0, D) of the fused weight make queries, [D, 3D) keys and values
+            dim = x.shape[-1]
+            bias = self.qkv.bias
+            q = F.linear(x[:, :1], self.qkv.weight[:dim], None if bias is None else bias[:dim])
+            k, v = rearrange(
+                F.linear(x, self.qkv.weight[dim:], None if bias is None else bias[dim:]),
+                "b n (two h d) -> two b h n d", two=2, h=self.num_heads,
+            )
+            q = rearrange(q, "b n (h d) -> b h n d", h=self.num_heads)
+        else:
+            q, k, v = rearrange(
+                self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads
+            )
         attn_mask = None
         if padding_mask is not None:
             attn_mask = rearrange(~padding_mask, "b n -> b 1 1 n")  # True = may attend

@@ -49,9 +49,15 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(
-        self, x: torch.Tensor, padding_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        *,
+        cls_only: bool = False,
     ) -> torch.Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x), padding_mask))
+        """(B, N, D) tokens -> (B, N, D), or -> (B, 1, D) the first token's output if ``cls_only``."""
+        attended = self.attn(self.norm1(x), padding_mask, cls_only=cls_only)
+        x = (x[:, :1] if cls_only else x) + self.drop_path1(attended)
         x = x + self.drop_path2(self.mlp(self.norm2(x)))
         return x
 
@@ -99,9 +105,18 @@ class Encoder(nn.ModuleList):
         )
 
     def forward(
-        self, x: torch.Tensor, padding_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        *,
+        cls_only: bool = False,
     ) -> torch.Tensor:
-        """Run (B, N, D) tokens through every block; ``padding_mask`` is (B, N), True = pad."""
-        for block in self:
-            x = block(x, padding_mask)
+        """Run (B, N, D) tokens through every block; ``padding_mask`` is (B, N), True = pad.
+
+        With ``cls_only`` the last block computes the first token's output alone, (B, 1, D):
+        the same numbers as the full sequence's row 0, for about 3/4 of that block's
+        matrix work less (its query, projection and MLP run on one token, not N).
+        """
+        for index, block in enumerate(self):
+            x = block(x, padding_mask, cls_only=cls_only and index == len(self) - 1)
         return x

@@ -125,16 +125,24 @@ class TokenClassifier(nn.Module):
         raise NotImplementedError
 
     def forward_features(
-        self, inputs: torch.Tensor, padding_mask: torch.Tensor | None = None
+        self,
+        inputs: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        *,
+        cls_only: bool = False,
     ) -> torch.Tensor:
-        """Encoded, normalised token sequence (B, 1 + N, D); position 0 is CLS."""
+        """Encoded, normalised token sequence (B, 1 + N, D); position 0 is CLS.
+
+        With ``cls_only``, (B, 1, D): the CLS output alone, computed without the last
+        block's work on the other tokens (see ``Encoder.forward``).
+        """
         tokens, padding_mask = self.embed_tokens(inputs, padding_mask)
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
         x = torch.cat([cls, tokens], dim=1)  # (B, 1 + N, D)
         x = self.pos_drop(x + self.pos_embed[:, : x.shape[1]])
         if padding_mask is not None:
             padding_mask = nn.functional.pad(padding_mask, (1, 0), value=False)  # CLS is real
-        x = self.blocks(x, padding_mask)
+        x = self.blocks(x, padding_mask, cls_only=cls_only)
         return self.norm(x)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
@@ -144,7 +152,9 @@ class TokenClassifier(nn.Module):
     def forward(
         self, inputs: torch.Tensor, padding_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return self.forward_head(self.forward_features(inputs, padding_mask))
+        # The head reads CLS alone, so the last block computes nothing else; timm's
+        # VisionTransformer runs it over every token and discards all rows but one.
+        return self.forward_head(self.forward_features(inputs, padding_mask, cls_only=True))
 
 
 class ImageClassifier(TokenClassifier):
