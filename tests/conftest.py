@@ -29,12 +29,14 @@ def sample_root() -> Path:
     return SAMPLE
 
 
-def save_checkpoint(path: Path, data_spec: dict, tokenizer_json: str | None = None) -> Path:
+def save_checkpoint(
+    path: Path, data_spec: dict, tokenizer_json: str | None = None, **model_options: bool
+) -> Path:
     """An untrained nano model saved the way train.py saves one: hyperparameters (with the
     data spec), the ``net.``-prefixed state dict and, for text, the tokenizer."""
     from vit.lit import Classifier
 
-    model = Classifier("nano", data_spec=data_spec)
+    model = Classifier("nano", data_spec=data_spec, **model_options)
     checkpoint = {"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict()}
     if tokenizer_json is not None:
         checkpoint["tokenizer"] = tokenizer_json

@@ -16,7 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vit.checkpoint import CheckpointError, load_saved_model
+from conftest import save_checkpoint
+from vit.checkpoint import CheckpointError, load_saved_model, save_bundle
 from vit.classify import main
 from vit.predictor import Prediction, Predictor
 
@@ -300,20 +301,30 @@ def test_unavailable_device_is_one_clear_error(image_checkpoint: Path, tmp_path:
         assert status == 2 and "has no CUDA GPU: use cpu" in err[0]
 
 
+AVERAGED_AND_MIRRORED = [
+    "--trainer.callbacks+=vit.ema.EMA", "--trainer.callbacks.decay=0.5", "--model.flip_average=true",
+]
+
+
+@pytest.mark.parametrize("options", [[], AVERAGED_AND_MIRRORED], ids=["plain", "ema-and-flip"])
 def test_a_trained_checkpoint_classifies_the_test_split_as_train_test_scores_it(
-    tmp_path: Path, sample_root: Path, capsys
+    options: list[str], tmp_path: Path, sample_root: Path, capsys
 ) -> None:
     from vit.cli import main as train
 
     cli = train([
         "fit", "--config", str(REPO / "configs" / "quickstart.yaml"), "--model.variant", "nano",
-        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
+        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "6",
         "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
-        "--trainer.default_root_dir", str(tmp_path / "runs"),
+        "--trainer.default_root_dir", str(tmp_path / "runs"), *options,
     ])
     test_acc = cli.trainer.callback_metrics["test/acc"].item()
     capsys.readouterr()
     checkpoint = Path(cli.trainer.checkpoint_callback.best_model_path)
+    if options:  # the checkpoint holds the average as its weights, the raw ones beside them
+        saved = torch.load(checkpoint, weights_only=False)
+        raw, averaged = saved["current_model_state"], saved["state_dict"]
+        assert not torch.equal(raw["net.head.weight"], averaged["net.head.weight"])
     status, out, _ = run(capsys, checkpoint, sample_root / "test", "--format", "csv", "--top-k", "1")
     rows = list(csv.DictReader(io.StringIO(out)))
     assert status == 0 and len(rows) == 200
@@ -363,3 +374,19 @@ def test_module_runs_as_a_script(image_checkpoint: Path, tmp_path: Path) -> None
     assert done.returncode == 1
     assert done.stdout.splitlines()[1].startswith(f"{tmp_path / 'a.png'},1,")
     assert done.stderr.strip() == f"error: {tmp_path / 'b.png'}: no such file or folder"
+
+
+def test_a_flip_averaged_model_classifies_on_the_mean_of_image_and_mirror(
+    tmp_path: Path, image_spec: dict
+) -> None:
+    saved = load_saved_model(save_checkpoint(tmp_path / "flip.ckpt", image_spec, flip_average=True))
+    save_bundle(saved, tmp_path / "bundle")
+    bundled = load_saved_model(tmp_path / "bundle")
+    images = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        saved.model.flip_average = False
+        expected = (saved.model(images) + saved.model(images.flip(-1))) / 2
+        assert not torch.allclose(expected, saved.model(images))
+        torch.testing.assert_close(bundled.model(images), expected)
+        bundled.model.train()
+        torch.testing.assert_close(bundled.model(images), saved.model(images))  # training: one view

@@ -100,6 +100,8 @@ BAD_CONFIGS = {
     "unwritable log dir": (["--trainer.default_root_dir", "{tmp}/a_file/runs"],
                            "--trainer.default_root_dir {tmp}/a_file/runs: cannot write there"),
     "trainer option": (["--trainer.num_nodes", "0"], "got 0. (check the --trainer options)"),
+    "EMA decay": (["--trainer.callbacks+=vit.ema.EMA", "--trainer.callbacks.decay=1.5"],
+                  "--trainer.callbacks.decay 1.5: the EMA decay must lie between 0 and 1"),
 }
 
 

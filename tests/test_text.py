@@ -15,6 +15,7 @@ from vit.attention import Attention
 from vit.cli import main
 from vit.data import DataNotFoundError
 from vit.encoder import Block, Encoder
+from vit.errors import ConfigError
 from vit.lit import Classifier
 from vit.model import ImageClassifier, TextClassifier, TokenClassifier, encoder_config
 from vit.text_data import TextDataModule
@@ -199,3 +200,10 @@ def test_a_few_steps_of_fit_on_sst2_keep_the_tokenizer_beside_the_checkpoints(tm
     assert model.tokenizer_json is not None and model.class_names == ["negative", "positive"]
     ids, _ = saved.encode_batch(["a gorgeous , witty film", "[CLS] dull"])
     assert model(ids).shape == (2, 2)
+
+
+def test_flip_averaging_a_text_model_is_refused_naming_the_option() -> None:
+    spec = {"modality": "text", "class_names": ["neg", "pos"], "vocab_size": VOCAB,
+            "max_length": MAX_LENGTH, "pad_id": PAD, "tokenizer_kind": "word"}
+    with pytest.raises(ConfigError, match="--model.flip_average mirrors images"):
+        Classifier("nano", data_spec=spec, flip_average=True)

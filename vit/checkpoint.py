@@ -225,6 +225,7 @@ def _read_lightning_checkpoint(path: Path) -> SavedModel:
     architecture = {
         "variant": hparams.get("variant", "tiny"), **asdict(encoder),
         "patch_size": hparams.get("patch_size", 4),
+        "flip_average": hparams.get("flip_average", False),
     }
     prefix = "net."
     state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}

@@ -24,7 +24,8 @@ def _divisors(n: int) -> str:
 
 
 def check_model_options(
-    data_spec: dict[str, Any], variant: str, patch_size: int, **shape: int | float | None
+    data_spec: dict[str, Any], variant: str, patch_size: int, flip_average: bool = False,
+    **shape: int | float | None,
 ) -> None:
     """Raise a ``ConfigError`` naming the option when ``--model`` options cannot fit the data."""
     try:
@@ -36,6 +37,11 @@ def check_model_options(
             f"--model.num_heads {encoder.num_heads} does not divide the token width "
             f"--model.embed_dim {encoder.embed_dim} (variant {variant!r}): choose num_heads among "
             f"{_divisors(encoder.embed_dim)}, or another --model.embed_dim."
+        )
+    if flip_average and data_spec.get("modality") != "image":
+        raise ConfigError(
+            "--model.flip_average mirrors images: turn it off for "
+            f"{data_spec.get('modality')} data."
         )
     size = data_spec.get("image_size")
     if data_spec.get("modality") == "image" and size % patch_size:
@@ -66,6 +72,8 @@ class Classifier(L.LightningModule):
             is its optimiser steps, or its ``--trainer.max_time`` when that ends it first.
         min_lr_ratio: Learning rate at the end of the cosine, as a share of ``lr``.
         label_smoothing: Label smoothing of the cross-entropy.
+        flip_average: Evaluate (validate, test, predict, classify) on the mean logits of each
+            image and its mirror image; image data only.
         compile: Compile the network with ``torch.compile`` before fitting (the first steps
             of each input shape are slow while it compiles; state-dict keys stay unchanged).
         init_from: A weights file (timm ViT ``.safetensors``/``.pth`` or a checkpoint of
@@ -92,6 +100,7 @@ class Classifier(L.LightningModule):
         warmup_fraction: float = 0.05,
         min_lr_ratio: float = 0.01,
         label_smoothing: float = 0.1,
+        flip_average: bool = False,
         compile: bool = False,
         init_from: str | None = None,
         data_spec: dict[str, Any] | None = None,
@@ -107,13 +116,14 @@ class Classifier(L.LightningModule):
             json.dumps(tokenizer, ensure_ascii=False) if isinstance(tokenizer, dict) else tokenizer
         self.save_hyperparameters()
         check_model_options(
-            data_spec, variant, patch_size,
+            data_spec, variant, patch_size, flip_average,
             embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
         )
         self.net = build_model(
             data_spec, variant=variant, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
             mlp_ratio=mlp_ratio, patch_size=patch_size, drop_rate=drop_rate,
             attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate,
+            flip_average=flip_average,
         )
         if compile:
             self.net.compile()  # in place: no ``_orig_mod.`` prefix in the saved keys

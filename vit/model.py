@@ -166,6 +166,8 @@ class ImageClassifier(TokenClassifier):
         num_classes: Number of output classes.
         encoder: Shape of the encoder.
         in_chans: Colour channels.
+        flip_average: In eval mode, return the mean logits of each image and its mirror
+            image (test-time augmentation; twice the work, usually a little more accuracy).
         **kwargs: Dropout and bias options of ``TokenClassifier``.
     """
 
@@ -177,6 +179,7 @@ class ImageClassifier(TokenClassifier):
         num_classes: int,
         encoder: EncoderConfig,
         in_chans: int = 3,
+        flip_average: bool = False,
         **kwargs: float | bool,
     ) -> None:
         patch_embed = PatchEmbed(image_size, patch_size, in_chans, encoder.embed_dim)
@@ -184,7 +187,18 @@ class ImageClassifier(TokenClassifier):
             num_positions=patch_embed.num_patches, num_classes=num_classes, encoder=encoder, **kwargs
         )
         self.patch_embed = patch_embed
+        self.flip_average = flip_average
         self.init_weights()
+
+    def forward(
+        self, inputs: torch.Tensor, padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if not self.flip_average or self.training:
+            return super().forward(inputs, padding_mask)
+        if padding_mask is not None:
+            raise ValueError("flip averaging takes no padding mask: pass the images alone.")
+        both = super().forward(torch.cat([inputs, inputs.flip(-1)]))  # one batch of 2B
+        return both.unflatten(0, (2, len(inputs))).mean(dim=0)
 
     def embed_tokens(
         self, inputs: torch.Tensor, padding_mask: torch.Tensor | None
@@ -250,6 +264,7 @@ def build_model(
     drop_rate: float = 0.0,
     attn_drop_rate: float = 0.0,
     drop_path_rate: float = 0.0,
+    flip_average: bool = False,
 ) -> TokenClassifier:
     """The image or text classifier that ``data_spec`` (a data module's ``spec``) calls for."""
     encoder = encoder_config(
@@ -260,7 +275,12 @@ def build_model(
         attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate,
     )
     if data_spec["modality"] == "image":
-        return ImageClassifier(image_size=data_spec["image_size"], patch_size=patch_size, **common)
+        return ImageClassifier(
+            image_size=data_spec["image_size"], patch_size=patch_size,
+            flip_average=flip_average, **common,
+        )
+    if flip_average:
+        raise ValueError("flip averaging mirrors images: a text model cannot use it.")
     if data_spec["modality"] == "text":
         return TextClassifier(
             vocab_size=data_spec["vocab_size"], max_length=data_spec["max_length"],
