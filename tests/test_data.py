@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
-from vit.augment import normalize, random_crop, random_hflip
+from vit.augment import (
+    auto_augment,
+    mixup_or_cutmix,
+    normalize,
+    random_crop,
+    random_erasing,
+    random_hflip,
+)
 from vit.data import DataNotFoundError, ImageDataModule, ImageSource
+from vit.errors import ConfigError
 
 
 def make_folder(root: Path, classes: dict[str, int], split: str = "train", size=(40, 30), mode="RGB") -> None:
@@ -176,3 +185,71 @@ def test_a_resumed_epoch_draws_the_batches_and_augmentations_an_uninterrupted_on
     rest = epoch_batches(resumed, 1)
     assert len(rest) == 9 and all(torch.equal(a, b) for a, b in zip(rest, second[5:]))
     assert resumed.state_dict() == {"epoch": 1, "batches": 14}
+
+
+def test_random_erasing_fills_one_clipped_rectangle_in_the_chosen_images() -> None:
+    images = torch.zeros(200, 3, 32, 32)
+    erased = random_erasing(images, 0.5, torch.Generator().manual_seed(1))
+    changed = (erased != 0).all(dim=1)  # (B, H, W): noise in every channel of an erased pixel
+    hit = changed.flatten(1).any(dim=1)
+    assert 60 < int(hit.sum()) < 140  # about half of the images
+    for mask in changed[hit]:
+        rows, cols = mask.any(dim=1).nonzero(), mask.any(dim=0).nonzero()
+        box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+        assert int(mask.sum()) == int(box) and 0 < int(box) <= 0.4 * 32 * 32  # one rectangle
+    again = random_erasing(images, 0.5, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(again, erased)
+
+
+@pytest.mark.parametrize("alphas", [(0.8, 0.0), (0.0, 1.0), (0.8, 1.0)], ids=["mixup", "cutmix", "either"])
+def test_mixed_targets_are_the_shares_of_each_image_in_the_mixture(alphas: tuple[float, float]) -> None:
+    batch = 8
+    labels = torch.arange(batch)
+    images = labels.float().view(-1, 1, 1, 1).expand(batch, 3, 16, 16)  # image i is all i
+    for seed in range(10):
+        mixed, targets = mixup_or_cutmix(
+            images, labels, batch, torch.Generator().manual_seed(seed),
+            mixup_alpha=alphas[0], cutmix_alpha=alphas[1],
+        )
+        torch.testing.assert_close(targets.sum(dim=1), torch.ones(batch))
+        # each image's mean pixel is its targets' weighted class index, for blends and pastes alike
+        torch.testing.assert_close(mixed.mean(dim=(1, 2, 3)), targets @ labels.float())
+        assert (targets > 0).sum(dim=1).max() <= 2
+
+
+def test_auto_augment_is_seeded_by_its_generator_and_leaves_the_global_one_alone() -> None:
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    state = torch.get_rng_state()
+    first = auto_augment(images, torch.Generator().manual_seed(3))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert first.dtype == torch.uint8 and first.shape == images.shape
+    assert not torch.equal(first, images)
+    assert torch.equal(auto_augment(images, torch.Generator().manual_seed(3)), first)
+
+
+def test_mixing_options_give_label_mixtures_in_training_only(sample_root: Path) -> None:
+    dm = ImageDataModule(str(sample_root), download=False, batch_size=32, auto_augment=True,
+                         random_erasing=0.25, mixup_alpha=0.8, cutmix_alpha=1.0)
+    dm.setup("fit")
+
+    class Loop:  # stands in for a Trainer
+        training = True
+
+    dm.trainer = Loop()
+    images, labels = next(iter(dm.train_dataloader()))
+    augmented, targets = dm.on_after_batch_transfer((images, labels), 0)
+    assert augmented.shape == (32, 3, 32, 32) and targets.shape == (32, 10)
+    torch.testing.assert_close(targets.sum(dim=1), torch.ones(32))
+    Loop.training = False
+    _, val_labels = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)
+    assert val_labels.dtype == torch.int64 and val_labels.ndim == 1
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"mixup_alpha": 0.8, "batch_size": 33}, "--data.batch_size 33: mixup and CutMix pair"),
+    ({"random_erasing": 1.5}, "--data.random_erasing is a probability in [0, 1], got 1.5"),
+    ({"cutmix_alpha": -1.0}, "--data.cutmix_alpha must be 0 (off) or positive, got -1.0"),
+])
+def test_bad_augmentation_options_are_named(sample_root: Path, options: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        ImageDataModule(str(sample_root), download=False, **options)

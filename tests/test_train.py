@@ -49,6 +49,15 @@ def test_fit_a_few_steps_writes_checkpoints_logs_config_and_tests(tmp_path: Path
     torch.testing.assert_close(model.net.head.weight, state["state_dict"]["net.head.weight"])
 
 
+def test_fit_with_every_augmentation_learns_from_label_mixtures(tmp_path: Path) -> None:
+    cli = fit(tmp_path, "--data.init_args.auto_augment", "true", "--data.init_args.random_erasing",
+              "0.25", "--data.init_args.mixup_alpha", "0.8", "--data.init_args.cutmix_alpha", "1.0")
+    rows = list(csv.DictReader(open(Path(cli.trainer.log_dir) / "metrics.csv")))
+    losses = [float(r["train/loss_epoch"]) for r in rows if r.get("train/loss_epoch")]
+    assert cli.trainer.global_step == 4 and losses and all(0 < loss < 10 for loss in losses)
+    assert any(r.get("train/acc") for r in rows) and "test/acc" in cli.trainer.callback_metrics
+
+
 def test_compiled_model_computes_the_same_and_saves_the_same_keys(image_spec: dict) -> None:
     eager = Classifier("nano", data_spec=dict(image_spec)).eval()
     compiled = Classifier("nano", data_spec=dict(image_spec), compile=True).eval()

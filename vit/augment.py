@@ -1,15 +1,22 @@
 """Batched image augmentation on whole (B, C, H, W) tensors, on whatever device they are.
 
-One indexing operation crops every image of a batch at its own random offset: no per-sample
-Python loop and no PIL in the training loop.
+One indexing operation crops every image of a batch at its own random offset, one mask erases
+a rectangle of its own in every image: no per-sample Python loop and no PIL in the training
+loop (AutoAugment's per-image operations excepted). Every random draw comes from the
+``generator`` passed in, so a batch's augmentation is a function of that generator's seed
+alone; timm's ``Mixup`` and ``RandomErasing`` draw from the global generators instead, which
+would break the exact mid-epoch resume of ``vit.data``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision.transforms import v2
 
 
 def random_crop(
@@ -46,3 +53,87 @@ def normalize(
     mean_t = torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * 255
     std_t = torch.tensor(std, device=images.device).view(1, -1, 1, 1) * 255
     return (images.float() - mean_t) / std_t
+
+
+def auto_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """torchvision's AutoAugment with the CIFAR-10 policy of Cubuk et al. (2019), per image.
+
+    uint8 (B, C, H, W) in, uint8 out. The policy draws from the global generator, so it runs
+    inside ``fork_rng`` seeded from ``generator``, leaving the global state as it was.
+    """
+    policy = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return torch.stack([policy(image) for image in images])
+
+
+def random_erasing(
+    images: torch.Tensor,
+    p: float,
+    generator: torch.Generator,
+    *,
+    area: tuple[float, float] = (0.02, 1 / 3),
+    log_aspect: tuple[float, float] = (math.log(0.3), math.log(1 / 0.3)),
+) -> torch.Tensor:
+    """Replace one rectangle per image, with probability ``p``, by standard normal noise.
+
+    Zhong et al. (2020), "Random Erasing Data Augmentation", in timm's "pixel" mode, on
+    normalised float images: each rectangle covers ``area`` of the image and has a
+    log-uniform aspect ratio; rectangles are clipped to the image.
+    """
+    b, c, h, w = images.shape
+    draws = torch.rand(5, b, generator=generator)
+    target = h * w * (area[0] + (area[1] - area[0]) * draws[0])
+    aspect = torch.exp(log_aspect[0] + (log_aspect[1] - log_aspect[0]) * draws[1])
+    box_h = torch.sqrt(target * aspect).round().clamp(1, h)
+    box_w = torch.sqrt(target / aspect).round().clamp(1, w)
+    top = ((h - box_h + 1) * draws[2]).floor()
+    left = ((w - box_w + 1) * draws[3]).floor()
+    rows, cols = torch.arange(h), torch.arange(w)
+    inside_rows = (rows >= top[:, None]) & (rows < (top + box_h)[:, None])  # (B, H)
+    inside_cols = (cols >= left[:, None]) & (cols < (left + box_w)[:, None])  # (B, W)
+    mask = inside_rows[:, :, None] & inside_cols[:, None, :] & (draws[4] < p)[:, None, None]
+    noise = torch.randn(images.shape, generator=generator).to(images.device, images.dtype)
+    return torch.where(mask[:, None].to(images.device), noise, images)
+
+
+def mixup_or_cutmix(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    generator: torch.Generator,
+    *,
+    mixup_alpha: float = 0.0,
+    cutmix_alpha: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mix each image with the batch's mirror-order partner: (images, (B, classes) targets).
+
+    Zhang et al. (2018) mixup blends whole images with weight ``lam ~ Beta(alpha, alpha)``;
+    Yun et al. (2019) CutMix pastes a box of area ``1 - lam`` from the partner. When both are
+    on, each batch takes one of the two with equal odds (timm's ``Mixup`` in batch mode, with
+    the label weight corrected to the box's clipped area). Targets are the label mix.
+    """
+    if mixup_alpha <= 0 and cutmix_alpha <= 0:
+        raise ValueError("mixup_or_cutmix needs mixup_alpha or cutmix_alpha above 0.")
+    use_cutmix = cutmix_alpha > 0 and (
+        mixup_alpha <= 0 or bool(torch.rand(1, generator=generator) < 0.5)
+    )
+    alpha = cutmix_alpha if use_cutmix else mixup_alpha
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    lam = float(np.random.default_rng(seed).beta(alpha, alpha))  # torch's Beta takes no generator
+    partner = images.flip(0)
+    if use_cutmix:
+        h, w = images.shape[-2:]
+        cut = math.sqrt(1.0 - lam)
+        centre = torch.rand(2, generator=generator)
+        cy, cx = int(centre[0] * h), int(centre[1] * w)
+        top, bottom = max(cy - int(h * cut) // 2, 0), min(cy + int(h * cut) // 2, h)
+        left, right = max(cx - int(w * cut) // 2, 0), min(cx + int(w * cut) // 2, w)
+        images = images.clone()
+        images[..., top:bottom, left:right] = partner[..., top:bottom, left:right]
+        lam = 1.0 - (bottom - top) * (right - left) / (h * w)
+    else:
+        images = images * lam + partner * (1.0 - lam)
+    one_hot = F.one_hot(labels, num_classes).to(images.dtype)
+    return images, one_hot * lam + one_hot.flip(0) * (1.0 - lam)

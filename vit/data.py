@@ -27,7 +27,14 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from vit.augment import normalize, random_crop, random_hflip
+from vit.augment import (
+    auto_augment,
+    mixup_or_cutmix,
+    normalize,
+    random_crop,
+    random_erasing,
+    random_hflip,
+)
 from vit.errors import ConfigError
 from vit.imageio import ImageDecodeError, is_image_file, load_image
 
@@ -259,6 +266,12 @@ class ImageDataModule(L.LightningDataModule):
         val_fraction: Share of the training images held out for validation (seeded).
         crop_padding: Pixels of zero padding for the random crop; 0 turns cropping off.
         hflip: Random horizontal flips.
+        auto_augment: AutoAugment's CIFAR-10 policy on every training image (a loop over the
+            batch's images on their device: slower than the batched augmentations).
+        random_erasing: Probability of erasing one random rectangle of a training image.
+        mixup_alpha: Beta parameter of mixup between training images; 0 turns it off.
+        cutmix_alpha: Beta parameter of CutMix; 0 turns it off. With both on, each batch
+            takes one of the two. Targets become label mixtures.
         mean: Per-channel mean used for normalisation, in [0, 1].
         std: Per-channel standard deviation used for normalisation, in [0, 1].
         cache_dir: Where decoded splits are cached; defaults to ``~/.cache/vit``.
@@ -277,6 +290,10 @@ class ImageDataModule(L.LightningDataModule):
         val_fraction: float = 0.1,
         crop_padding: int = 4,
         hflip: bool = True,
+        auto_augment: bool = False,
+        random_erasing: float = 0.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
         mean: tuple[float, float, float] = CIFAR10_MEAN,
         std: tuple[float, float, float] = CIFAR10_STD,
         cache_dir: str | None = None,
@@ -288,6 +305,16 @@ class ImageDataModule(L.LightningDataModule):
             raise ConfigError(f"--data.val_fraction must be in [0, 1), got {val_fraction}.")
         if batch_size < 1:
             raise ConfigError(f"--data.batch_size must be at least 1, got {batch_size}.")
+        if not 0 <= random_erasing <= 1:
+            raise ConfigError(f"--data.random_erasing is a probability in [0, 1], got {random_erasing}.")
+        for name, alpha in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
+            if alpha < 0:
+                raise ConfigError(f"--data.{name} must be 0 (off) or positive, got {alpha}.")
+        if (mixup_alpha > 0 or cutmix_alpha > 0) and batch_size % 2:
+            raise ConfigError(
+                f"--data.batch_size {batch_size}: mixup and CutMix pair each image with another "
+                f"of its batch; choose an even batch size."
+            )
         self.root = Path(root).expanduser()
         self.download = download
         self.image_size = image_size
@@ -295,6 +322,9 @@ class ImageDataModule(L.LightningDataModule):
         self.val_fraction = val_fraction
         self.crop_padding = crop_padding
         self.hflip = hflip
+        self.auto_augment = auto_augment
+        self.random_erasing = random_erasing
+        self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
         self.mean, self.std = tuple(mean), tuple(std)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.num_workers = num_workers
@@ -397,14 +427,28 @@ class ImageDataModule(L.LightningDataModule):
     def on_after_batch_transfer(
         self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Augment (training only) and normalise the uint8 batch on its device."""
+        """Augment (training only) and normalise the uint8 batch on its device.
+
+        With mixup or CutMix on, training labels become (B, classes) label mixtures.
+        """
         images, labels = batch
-        if self.trainer is not None and self.trainer.training:
-            generator = self._next_training_batch()
-            images = random_crop(images, self.crop_padding, generator)
-            if self.hflip:
-                images = random_hflip(images, generator=generator)
-        return normalize(images, self.mean, self.std), labels
+        if self.trainer is None or not self.trainer.training:
+            return normalize(images, self.mean, self.std), labels
+        generator = self._next_training_batch()
+        if self.auto_augment:
+            images = auto_augment(images, generator)
+        images = random_crop(images, self.crop_padding, generator)
+        if self.hflip:
+            images = random_hflip(images, generator=generator)
+        images = normalize(images, self.mean, self.std)
+        if self.random_erasing > 0:
+            images = random_erasing(images, self.random_erasing, generator)
+        if (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and len(images) % 2 == 0:
+            images, labels = mixup_or_cutmix(
+                images, labels, self.num_classes, generator,
+                mixup_alpha=self.mixup_alpha, cutmix_alpha=self.cutmix_alpha,
+            )
+        return images, labels
 
     def _next_training_batch(self) -> torch.Generator:
         """Count a training batch; its augmentation's generator, from (seed, rank, epoch, batch)."""

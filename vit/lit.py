@@ -180,7 +180,8 @@ class Classifier(L.LightningModule):
                 f"non-finite training loss ({loss.item()}) at step {self.global_step}: lower "
                 f"--model.lr or raise the warmup; the last good checkpoint is kept."
             )
-        metric(logits.argmax(dim=-1), labels)
+        # mixup/CutMix targets are label mixtures: accuracy counts the larger share
+        metric(logits.argmax(dim=-1), labels.argmax(dim=-1) if labels.ndim == 2 else labels)
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True,
                  batch_size=len(labels), sync_dist=not on_step)
