@@ -39,7 +39,7 @@ def test_image_bundle_gives_the_checkpoints_predictions(image_checkpoint: Path, 
     config = json.loads((bundle / "config.json").read_text())
     assert config["modality"] == "image" and config["class_names"][:2] == ["airplane", "automobile"]
     assert config["architecture"] == {"variant": "nano", "embed_dim": 64, "depth": 2, "num_heads": 2,
-                                      "mlp_ratio": 2.0, "patch_size": 4}
+                                      "mlp_ratio": 2.0, "patch_size": 4, "flip_average": False}
     assert set(config["preprocessing"]) == {"image_size", "mean", "std"}
 
     images = write_images(tmp_path / "images", 9)
