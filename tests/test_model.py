@@ -6,6 +6,7 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from vit.attention import Attention
 from vit.embed import resample_pos_embed
 from vit.model import VARIANTS, EncoderConfig, ImageClassifier, encoder_config
 
@@ -113,3 +114,29 @@ def test_resampled_positions_keep_cls_and_match_timm_at_the_new_size() -> None:
     resampled = resample_pos_embed(theirs.pos_embed.detach(), grid_size=12)
     assert resampled.shape == (1, 1 + 144, SMALL.embed_dim)
     torch.testing.assert_close(resampled[:, :1], theirs.pos_embed[:, :1].detach())
+
+
+def _self_attention_share(attention: Attention, tokens: torch.Tensor) -> float:
+    """Mean attention weight a token gives itself, straight from the q/k weights."""
+    q, k, _ = attention.qkv(tokens).chunk(3, dim=-1)
+    q, k = (t.unflatten(-1, (attention.num_heads, -1)).transpose(1, 2) for t in (q, k))
+    weights = (q @ k.transpose(-1, -2) * attention.head_dim**-0.5).softmax(dim=-1)
+    return weights.diagonal(dim1=-2, dim2=-1).mean().item()
+
+
+def test_mimetic_init_makes_tokens_attend_to_themselves_and_values_cancel() -> None:
+    torch.manual_seed(0)
+    dim, tokens = 128, 65
+    x = torch.nn.functional.layer_norm(torch.randn(2, tokens, dim), (dim,))
+    attention = ImageClassifier(
+        image_size=32, patch_size=4, num_classes=10, encoder=encoder_config("tiny")
+    ).blocks[0].attn
+    with torch.no_grad():
+        assert _self_attention_share(attention, x) < 2 / tokens  # timm's init: near uniform
+        attention.mimetic_init_()
+        assert _self_attention_share(attention, x) > 20 / tokens
+    value_out = (attention.proj.weight @ attention.qkv.weight[2 * dim:]).detach()  # W_proj W_v
+    noise = value_out + 0.4 * torch.eye(dim)  # what is left of 0.4 Z - 0.4 I
+    assert noise.diagonal().abs().mean() < 0.05
+    assert (noise.norm() / dim**0.5).item() == pytest.approx(0.4, rel=0.1)  # |Z|_F ~ sqrt(dim)
+    assert not attention.qkv.bias.any() and not attention.proj.bias.any()

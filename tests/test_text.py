@@ -207,3 +207,10 @@ def test_flip_averaging_a_text_model_is_refused_naming_the_option() -> None:
             "max_length": MAX_LENGTH, "pad_id": PAD, "tokenizer_kind": "word"}
     with pytest.raises(ConfigError, match="--model.flip_average mirrors images"):
         Classifier("nano", data_spec=spec, flip_average=True)
+
+
+def test_sincos_positions_for_a_text_model_are_refused_naming_the_option() -> None:
+    spec = {"modality": "text", "class_names": ["neg", "pos"], "vocab_size": VOCAB,
+            "max_length": MAX_LENGTH, "pad_id": PAD, "tokenizer_kind": "word"}
+    with pytest.raises(ConfigError, match="--model.position_init sincos lays positions on a 2-D"):
+        Classifier("nano", data_spec=spec, position_init="sincos")

@@ -12,6 +12,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from vit.checkpoint import CheckpointError, load_weights_file
 from vit.cli import main
+from vit.errors import ConfigError
 from vit.lit import Classifier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,3 +107,30 @@ def test_every_recipe_parses(recipe: str, capsys: pytest.CaptureFixture[str]) ->
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "model:" in printed and "data:" in printed
+
+
+def test_attention_init_option_reaches_every_block(image_spec: dict) -> None:
+    torch.manual_seed(0)
+    timm_init = Classifier("nano", data_spec=dict(image_spec))
+    mimetic = Classifier("nano", data_spec=dict(image_spec), attention_init="mimetic")
+    for plain, imitated in zip(timm_init.net.blocks, mimetic.net.blocks):
+        dim = plain.attn.proj.in_features
+        for block, expected in ((plain, 0.0), (imitated, -0.4)):  # W_proj W_v ~ -0.4 I
+            product = (block.attn.proj.weight @ block.attn.qkv.weight[2 * dim:]).detach()
+            assert product.diagonal().mean().item() == pytest.approx(expected, abs=0.05)
+
+
+def test_sincos_positions_make_neighbouring_patches_alike(image_spec: dict) -> None:
+    model = Classifier("nano", data_spec=dict(image_spec), position_init="sincos")
+    grid = model.net.patch_embed.grid_size
+    positions = model.net.pos_embed[0, 1:].detach().unflatten(0, (grid, grid))  # (g, g, D)
+    centre = positions[grid // 2, grid // 2]
+    similarity = (positions @ centre) / centre.norm() ** 2  # 1 at the centre itself
+    assert similarity[grid // 2, grid // 2] == pytest.approx(1.0)
+    assert similarity[grid // 2, grid // 2 + 1] > similarity[grid // 2, grid // 2 + 3] > similarity[0, 0]
+    assert model.net.pos_embed.requires_grad  # a starting point, still learned
+
+
+def test_sincos_positions_need_a_width_divisible_by_4(image_spec: dict) -> None:
+    with pytest.raises(ConfigError, match="divisible by 4, got --model.embed_dim 66"):
+        Classifier("nano", data_spec=dict(image_spec), position_init="sincos", embed_dim=66, num_heads=2)

@@ -12,6 +12,19 @@ from einops import rearrange
 from torch import nn
 
 
+def _noisy_identity_factors(dim: int, alpha: float, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``left @ right == alpha * Z + beta * I`` for a random Z (uniform, variance 1 / dim).
+
+    The factors come from the SVD (``left = U S^1/2``, ``right = S^1/2 V^T``), so the first
+    k columns of ``left`` and rows of ``right`` give the best rank-k approximation.
+    """
+    bound = (3 / dim) ** 0.5
+    target = alpha * torch.empty(dim, dim).uniform_(-bound, bound) + beta * torch.eye(dim)
+    u, s, vh = torch.linalg.svd(target)
+    root = s.sqrt()
+    return u * root, root[:, None] * vh
+
+
 class Attention(nn.Module):
     """Multi-head self-attention through ``F.scaled_dot_product_attention``.
 
@@ -44,6 +57,33 @@ class Attention(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+
+    @torch.no_grad()
+    def mimetic_init_(
+        self,
+        qk: tuple[float, float] = (0.7, 0.7),
+        vo: tuple[float, float] = (0.4, 0.4),
+    ) -> None:
+        """Mimetic initialisation (Trockman & Kolter 2023, "Mimetic Initialization of
+        Self-Attention Layers"): the weights of a trained ViT, imitated at step 0.
+
+        Each head's ``W_q^T W_k`` becomes a rank-``head_dim`` part of ``a Z + b I`` with
+        ``(a, b) = qk``, so a token attends to tokens like itself (and, through the positional
+        embeddings, to its neighbours); ``W_proj W_v`` becomes ``a Z - b I`` with
+        ``(a, b) = vo``. Biases are zeroed. Draws from torch's global generator.
+        """
+        dim, head_dim = self.proj.in_features, self.head_dim
+        for head in range(self.num_heads):
+            left, right = _noisy_identity_factors(dim, *qk)
+            rows = slice(head * head_dim, (head + 1) * head_dim)
+            self.qkv.weight[rows] = left[:, :head_dim].T  # W_q of this head
+            self.qkv.weight[dim:][rows] = right[:head_dim]  # W_k of this head
+        left, right = _noisy_identity_factors(dim, vo[0], -vo[1])
+        self.qkv.weight[2 * dim:] = right  # W_v of every head
+        self.proj.weight.copy_(left)
+        for linear in (self.qkv, self.proj):
+            if linear.bias is not None:
+                linear.bias.zero_()
 
     def forward(
         self,

@@ -6,7 +6,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 from lightning.pytorch.callbacks import Timer
@@ -25,7 +25,7 @@ def _divisors(n: int) -> str:
 
 def check_model_options(
     data_spec: dict[str, Any], variant: str, patch_size: int, flip_average: bool = False,
-    **shape: int | float | None,
+    position_init: str = "trunc_normal", **shape: int | float | None,
 ) -> None:
     """Raise a ``ConfigError`` naming the option when ``--model`` options cannot fit the data."""
     try:
@@ -42,6 +42,16 @@ def check_model_options(
         raise ConfigError(
             "--model.flip_average mirrors images: turn it off for "
             f"{data_spec.get('modality')} data."
+        )
+    if position_init == "sincos" and data_spec.get("modality") != "image":
+        raise ConfigError(
+            "--model.position_init sincos lays positions on a 2-D patch grid: use trunc_normal "
+            f"for {data_spec.get('modality')} data."
+        )
+    if position_init == "sincos" and encoder.embed_dim % 4:
+        raise ConfigError(
+            f"--model.position_init sincos needs a token width divisible by 4, got --model.embed_dim "
+            f"{encoder.embed_dim}: use trunc_normal or another width."
         )
     size = data_spec.get("image_size")
     if data_spec.get("modality") == "image" and size % patch_size:
@@ -74,6 +84,11 @@ class Classifier(L.LightningModule):
         label_smoothing: Label smoothing of the cross-entropy.
         flip_average: Evaluate (validate, test, predict, classify) on the mean logits of each
             image and its mirror image; image data only.
+        attention_init: ``"timm"`` (truncated normal, std 0.02) or ``"mimetic"``: every
+            attention layer starts as trained ViTs' attention looks (``Attention.mimetic_init_``),
+            which speeds up learning from scratch on small data.
+        position_init: ``"trunc_normal"`` (std 0.02) or ``"sincos"``: the patch positions start
+            as 2-D sine-cosine embeddings (still learned); image data only.
         compile: Compile the network with ``torch.compile`` before fitting (the first steps
             of each input shape are slow while it compiles; state-dict keys stay unchanged).
         init_from: A weights file (timm ViT ``.safetensors``/``.pth`` or a checkpoint of
@@ -101,6 +116,8 @@ class Classifier(L.LightningModule):
         min_lr_ratio: float = 0.01,
         label_smoothing: float = 0.1,
         flip_average: bool = False,
+        attention_init: Literal["timm", "mimetic"] = "timm",
+        position_init: Literal["trunc_normal", "sincos"] = "trunc_normal",
         compile: bool = False,
         init_from: str | None = None,
         data_spec: dict[str, Any] | None = None,
@@ -116,7 +133,7 @@ class Classifier(L.LightningModule):
             json.dumps(tokenizer, ensure_ascii=False) if isinstance(tokenizer, dict) else tokenizer
         self.save_hyperparameters()
         check_model_options(
-            data_spec, variant, patch_size, flip_average,
+            data_spec, variant, patch_size, flip_average, position_init,
             embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
         )
         self.net = build_model(
@@ -125,6 +142,11 @@ class Classifier(L.LightningModule):
             attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate,
             flip_average=flip_average,
         )
+        if attention_init == "mimetic":
+            for block in self.net.blocks:
+                block.attn.mimetic_init_()
+        if position_init == "sincos":
+            self.net.sincos_positions_()
         if compile:
             self.net.compile()  # in place: no ``_orig_mod.`` prefix in the saved keys
         num_classes = self.net.num_classes

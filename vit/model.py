@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from timm.layers import build_sincos2d_pos_embed
 from torch import nn
 
 from vit.embed import PatchEmbed, TokenEmbed
@@ -199,6 +200,17 @@ class ImageClassifier(TokenClassifier):
             raise ValueError("flip averaging takes no padding mask: pass the images alone.")
         both = super().forward(torch.cat([inputs, inputs.flip(-1)]))  # one batch of 2B
         return both.unflatten(0, (2, len(inputs))).mean(dim=0)
+
+    @torch.no_grad()
+    def sincos_positions_(self) -> None:
+        """Start the patch positions as fixed-form 2-D sine-cosine embeddings (they stay
+        learnable): neighbouring patches get similar vectors, so attention that matches a
+        token to tokens like itself (``Attention.mimetic_init_``) starts out local."""
+        dim = self.pos_embed.shape[-1]
+        if dim % 4:
+            raise ValueError(f"2-D sine-cosine positions need a width divisible by 4, got {dim}.")
+        grid = self.patch_embed.grid_size
+        self.pos_embed[0, 1:] = build_sincos2d_pos_embed([grid, grid], dim)
 
     def embed_tokens(
         self, inputs: torch.Tensor, padding_mask: torch.Tensor | None
