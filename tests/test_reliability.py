@@ -194,3 +194,18 @@ def test_ddp_on_two_cpu_processes_shards_syncs_and_writes_once(tmp_path: Path) -
 
     logged = [float(r["val/acc"]) for r in metrics(run_dir) if r["val/acc"]]
     assert logged == [pytest.approx(val_accuracy(last), abs=1e-6)]  # both halves of the split counted
+
+
+def test_a_text_file_without_the_named_columns_is_one_clear_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    for split in ("train", "dev", "test"):
+        (tmp_path / "text" / f"{split}.tsv").parent.mkdir(exist_ok=True)
+        (tmp_path / "text" / f"{split}.tsv").write_text("review\tstars\na fine film\t5\n")
+    code = run(["fit", "--config", str(REPO / "configs" / "sst2_cpu.yaml"),
+                "--data.root", str(tmp_path / "text"),
+                "--trainer.default_root_dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "has no column 'sentence' or 'label'" in lines[0], err

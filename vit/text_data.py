@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from vit.data import BatchTensorDataset, DataNotFoundError
+from vit.errors import ConfigError
 from vit.tokenizer import KINDS, TextTokenizer, is_blank
 
 SUFFIXES = (".tsv", ".csv")
@@ -55,10 +56,10 @@ class TextTable:
             rows = csv.reader(io.StringIO(content))
         header = next(rows, None)
         if not header:
-            raise ValueError(f"{path} is empty: it needs a header row and one row per text.")
+            raise ConfigError(f"{path} is empty: it needs a header row and one row per text.")
         missing = [c for c in (text_column, label_column) if c not in header]
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"{path} has no column {' or '.join(map(repr, missing))}; its header is {header}. "
                 f"Name the columns with --data.text_column and --data.label_column."
             )
@@ -82,7 +83,7 @@ class TextTable:
                     self.texts.append(row[text_at])
                     self.labels.append(row[label_at].strip())
         except csv.Error as err:  # e.g. a field over csv's size limit: an unclosed quote
-            raise ValueError(
+            raise ConfigError(
                 f"{path}, line {rows.line_num}: {err}. Look for an unclosed quote or a runaway "
                 f"field there."
             ) from None
@@ -91,7 +92,7 @@ class TextTable:
                 print(f"warning: {path}: skipped {len(lines)} row(s) with {reason} "
                       f"(lines {', '.join(map(str, lines[:5]))}{', ...' if len(lines) > 5 else ''}).")
         if not self.texts:
-            raise ValueError(f"{path} holds no usable (text, label) rows.")
+            raise ConfigError(f"{path} holds no usable (text, label) rows.")
 
 
 def _is_utf8(line: bytes) -> bool:
@@ -156,12 +157,12 @@ def label_classes(labels: list[str], names: list[str] | None = None) -> tuple[li
     integers = all(_is_int(label) for label in labels)
     if names is not None:
         if len(names) < 2:
-            raise ValueError(f"--data.class_names {names} names fewer than two classes.")
+            raise ConfigError(f"--data.class_names {names} names fewer than two classes.")
         keys = [str(i) for i in range(len(names))] if integers else list(names)
         return list(names), {key: i for i, key in enumerate(keys)}
     classes = sorted({_key(label) for label in labels}, key=int if integers else None)
     if len(classes) < 2:
-        raise ValueError(
+        raise ConfigError(
             f"every training label is {classes[0]!r}: a classifier needs at least two classes."
         )
     return classes, {name: i for i, name in enumerate(classes)}
@@ -218,13 +219,13 @@ class TextDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if tokenizer_kind not in KINDS:
-            raise ValueError(
+            raise ConfigError(
                 f"--data.tokenizer_kind {tokenizer_kind!r} is unknown: choose one of {', '.join(KINDS)}."
             )
         if not 0 <= val_fraction < 1:
-            raise ValueError(f"--data.val_fraction must be in [0, 1), got {val_fraction}.")
+            raise ConfigError(f"--data.val_fraction must be in [0, 1), got {val_fraction}.")
         if batch_size < 1:
-            raise ValueError(f"--data.batch_size must be at least 1, got {batch_size}.")
+            raise ConfigError(f"--data.batch_size must be at least 1, got {batch_size}.")
         self.root = Path(root).expanduser()
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -258,11 +259,11 @@ class TextDataModule(L.LightningDataModule):
             if not path.is_file():
                 raise DataNotFoundError(f"--data.{name}_file {path}: no such file.")
             if path.suffix not in SUFFIXES:
-                raise ValueError(f"{path}: name a .tsv or .csv file.")
+                raise ConfigError(f"{path}: name a .tsv or .csv file.")
             return path
         found = [self.root / f"{name}{suffix}" for suffix in SUFFIXES if (self.root / f"{name}{suffix}").is_file()]
         if len(found) > 1:
-            raise ValueError(f"both {found[0]} and {found[1]} exist: keep one, or name it with --data.{name}_file.")
+            raise ConfigError(f"both {found[0]} and {found[1]} exist: keep one, or name it with --data.{name}_file.")
         if not found and required:
             raise DataNotFoundError(
                 f"no {name}.tsv or {name}.csv in --data.root {self.root}: point --data.root at a folder "
@@ -275,7 +276,7 @@ class TextDataModule(L.LightningDataModule):
         keys = [_key(label) for label in labels]
         unknown = sorted(set(keys) - set(self._label_index))
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"{path} has labels {unknown[:10]} that are not among the classes "
                 f"{list(self._label_index)[:20]}: every label must occur in the training file "
                 f"(or be named by --data.class_names)."
