@@ -1,18 +1,22 @@
 """Training and inference throughput of this project's ViT against timm's, same shape and batch.
 
     python -m benchmarks.throughput --variants tiny small --repeats 5
+    python -m benchmarks.throughput --device cuda --precision bf16 --batch-size 128
 
 Both models get identical weights. Each repeat times ``--steps`` steps of ours, then of timm's
 (interleaved, so that the machine's noise hits both alike); the median images/s of each and
 their ratio are printed, with the achieved GFLOP/s of a training step against this machine's
 fp32 matmul rate measured in the same run. FLOPs are those each model executes: ours skips
-the last block's work on every token but CLS, so it runs fewer for the same logits.
+the last block's work on every token but CLS, so it runs fewer for the same logits. On a GPU
+the timers wait for the device, and ``--precision bf16`` runs both models under bf16 autocast
+(the matmul rate is then measured in bf16).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -24,14 +28,25 @@ from torch.utils.flop_counter import FlopCounterMode
 from vit.model import ImageClassifier, encoder_config
 
 
-def matmul_gflops(size: int = 1024, repeats: int = 20) -> float:
-    """This machine's fp32 matrix-multiply rate: the ceiling for a transformer step."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a wall-clock timer measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_gflops(
+    device: torch.device, dtype: torch.dtype = torch.float32, size: int = 1024, repeats: int = 20
+) -> float:
+    """This machine's matrix-multiply rate in ``dtype``: the ceiling for a transformer step."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    synchronize(device)
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
@@ -46,20 +61,28 @@ def make_pair(variant: str, image_size: int, patch_size: int) -> tuple[ImageClas
     return ours, theirs
 
 
-def train_step_fn(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+def train_step_fn(
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+) -> Callable[[], None]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=images.is_cuda)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(images), labels).backward()
+        with autocast():
+            loss = F.cross_entropy(model(images), labels)
+        loss.backward()
         optimizer.step()
 
     return step
 
 
-def infer_step_fn(model: torch.nn.Module, images: torch.Tensor) -> Callable[[], None]:
+def infer_step_fn(
+    model: torch.nn.Module, images: torch.Tensor,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+) -> Callable[[], None]:
     def step() -> None:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast():
             model(images)
 
     return step
@@ -76,7 +99,8 @@ def step_flops(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
 
 
 def interleaved_rates(
-    steps: dict[str, Callable[[], None]], batch: int, n_steps: int, repeats: int, warmup: int
+    steps: dict[str, Callable[[], None]], batch: int, n_steps: int, repeats: int, warmup: int,
+    device: torch.device,
 ) -> dict[str, float]:
     """Median images/s of each step function, timed in alternation."""
     for fn in steps.values():
@@ -85,9 +109,11 @@ def interleaved_rates(
     rates: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, fn in steps.items():
+            synchronize(device)
             start = time.perf_counter()
             for _ in range(n_steps):
                 fn()
+            synchronize(device)
             rates[name].append(batch * n_steps / (time.perf_counter() - start))
     return {name: statistics.median(r) for name, r in rates.items()}
 
@@ -100,37 +126,54 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5, help="steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--compile", action="store_true", help="torch.compile our model (not timm's)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile our model")
+    parser.add_argument("--compile-timm", action="store_true", help="torch.compile timm's model")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: both models under bf16 autocast (slow on CPUs without bf16 units)")
     args = parser.parse_args()
 
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+
+    def autocast() -> contextlib.AbstractContextManager:
+        return torch.autocast(device.type, dtype=dtype, enabled=args.precision == "bf16")
+
     torch.manual_seed(0)
-    peak = matmul_gflops()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"fp32 matmul {peak:.1f} GFLOP/s (measured now)")
+    peak = matmul_gflops(device, dtype, size=4096 if device.type == "cuda" else 1024)
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"{torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {hardware}, {args.precision} matmul {peak:.1f} GFLOP/s "
+          "(measured now)")
+    compiled = [name for name, on in (("ours", args.compile), ("timm", args.compile_timm)) if on]
     print(f"batch {args.batch_size}, {args.image_size}x{args.image_size}, patch {args.patch_size}, "
           f"median of {args.repeats} interleaved repeats of {args.steps} steps"
-          + (", ours compiled" if args.compile else ""))
+          + (f", compiled: {' and '.join(compiled)}" if compiled else ""))
     print("| variant | mode | ours img/s | timm img/s | ours / timm | ours GFLOP/s | ours % of matmul "
           "| timm % of matmul |")
     print("|---|---|---|---|---|---|---|---|")
     for variant in args.variants:
-        ours, theirs = make_pair(variant, args.image_size, args.patch_size)
-        images = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
-        labels = torch.randint(0, 10, (args.batch_size,))
+        ours, theirs = (m.to(device) for m in make_pair(variant, args.image_size, args.patch_size))
+        images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+        labels = torch.randint(0, 10, (args.batch_size,), device=device)
         flops = {"ours": step_flops(ours, images, labels), "timm": step_flops(theirs, images, labels)}
         if args.compile:
             ours.compile()
+        if args.compile_timm:
+            theirs.compile()
         for mode in ("train", "infer"):
             models = {"ours": ours, "timm": theirs}
             if mode == "train":
                 for m in models.values():
                     m.train()
-                fns = {n: train_step_fn(m, images, labels) for n, m in models.items()}
+                fns = {n: train_step_fn(m, images, labels, autocast) for n, m in models.items()}
             else:
                 for m in models.values():
                     m.eval()
-                fns = {n: infer_step_fn(m, images) for n, m in models.items()}
-            rates = interleaved_rates(fns, args.batch_size, args.steps, args.repeats, warmup=2)
+                fns = {n: infer_step_fn(m, images, autocast) for n, m in models.items()}
+            rates = interleaved_rates(
+                fns, args.batch_size, args.steps, args.repeats, warmup=2, device=device
+            )
             achieved = {n: rates[n] * flops[n][mode] / args.batch_size / 1e9 for n in models}
             print(f"| {variant} | {mode} | {rates['ours']:.0f} | {rates['timm']:.0f} | "
                   f"{rates['ours'] / rates['timm']:.2f} | {achieved['ours']:.1f} | "

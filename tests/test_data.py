@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 from vit.augment import (
+    apply_auto_augment,
     auto_augment,
+    auto_augment_plan,
     mixup_or_cutmix,
     normalize,
     random_crop,
@@ -225,6 +228,21 @@ def test_auto_augment_is_seeded_by_its_generator_and_leaves_the_global_one_alone
     assert first.dtype == torch.uint8 and first.shape == images.shape
     assert not torch.equal(first, images)
     assert torch.equal(auto_augment(images, torch.Generator().manual_seed(3)), first)
+
+
+def test_batched_auto_augment_equals_torchvision_image_by_image() -> None:
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    plan = auto_augment_plan(len(images), 32, 32, torch.Generator().manual_seed(5))
+    operations = {name for ops in plan for name, _ in ops}
+    assert len(operations) >= 10 and max(len(ops) for ops in plan) == 2
+    policy = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
+    batched = apply_auto_augment(images, plan)
+    for image, ops, result in zip(images, plan, batched):
+        for name, magnitude in ops:
+            image = policy._apply_image_or_video_transform(
+                image, name, magnitude, interpolation=policy.interpolation, fill=policy._fill
+            )
+        assert torch.equal(result, image), ops
 
 
 def test_mixing_options_give_label_mixtures_in_training_only(sample_root: Path) -> None:

@@ -235,6 +235,7 @@ class Classifier(L.LightningModule):
             [{"params": decay, "weight_decay": self.hparams.weight_decay},
              {"params": keep, "weight_decay": 0.0}],
             lr=self.hparams.lr, betas=tuple(self.hparams.betas),
+            fused=self.device.type == "cuda",  # one kernel for the whole update on a GPU
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
