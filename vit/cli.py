@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +154,10 @@ class TrainCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> TrainCLI:
     """Run the command line (``args`` instead of ``sys.argv`` when given)."""
+    # The data modules serve batches from tensors already in memory, where worker processes
+    # only add copies (an epoch of CIFAR-10 batches: 7x slower with two workers than with none,
+    # benchmarks/RESULTS.md): Lightning's advice to add DataLoader workers does not apply.
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     return TrainCLI(args=args)
 
 
