@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torchvision.transforms import v2
 
-from benchmarks.throughput import synchronize
+from benchmarks.throughput import parse_device, synchronize
 from vit.augment import (
     auto_augment,
     mixup_or_cutmix,
@@ -40,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = parse_device(parser, args.device)
     images = torch.randint(0, 256, (args.batch_size, 3, 32, 32), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (args.batch_size,), device=device)
     policy = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)

@@ -15,8 +15,8 @@ the timers wait for the device, and ``--precision bf16`` runs both models under 
 from __future__ import annotations
 
 import argparse
-import statistics
 import contextlib
+import statistics
 import time
 from collections.abc import Callable
 
@@ -26,6 +26,19 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.utils.flop_counter import FlopCounterMode
 
 from vit.model import ImageClassifier, encoder_config
+
+
+def parse_device(parser: argparse.ArgumentParser, name: str) -> torch.device:
+    """``--device``'s value as a device, or a usage error when that device is not there."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        parser.error(f"--device {name}: not a device name; use cpu or cuda (cuda:N for GPU N).")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {name}: torch sees no CUDA GPU here; use --device cpu.")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {name}: only cpu and cuda are supported.")
+    return device
 
 
 def synchronize(device: torch.device) -> None:
@@ -133,7 +146,7 @@ def main() -> None:
                         help="bf16: both models under bf16 autocast (slow on CPUs without bf16 units)")
     args = parser.parse_args()
 
-    device = torch.device(args.device)
+    device = parse_device(parser, args.device)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
 
     def autocast() -> contextlib.AbstractContextManager:
