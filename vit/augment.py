@@ -10,6 +10,7 @@ generators instead, which would break the exact mid-epoch resume of ``vit.data``
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -58,6 +59,29 @@ def normalize(
 AugmentPlan = list[list[tuple[str, float]]]
 """Per image, the AutoAugment operations to apply in order: (torchvision's name, magnitude)."""
 
+# AutoAugment's policy table and kernel dispatch are private to torchvision (stable since
+# transforms.v2 appeared in 0.15); its public forward takes one image at a time.
+_POLICY = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
+
+
+SubPolicy = tuple[tuple[str, float, float, bool], ...]
+"""A sub-policy's operations at one image size: (name, probability, magnitude, signed) each."""
+
+
+@functools.lru_cache(maxsize=8)
+def _sub_policies(height: int, width: int) -> tuple[SubPolicy, ...]:
+    """The 25 sub-policies of the CIFAR-10 policy, magnitudes computed for this image size."""
+    table = []
+    for sub_policy in _POLICY._policies:
+        operations = []
+        for name, probability, level in sub_policy:
+            magnitudes_fn, signed = _POLICY._AUGMENTATION_SPACE[name]
+            magnitudes = magnitudes_fn(10, height, width)
+            magnitude = 0.0 if magnitudes is None else float(magnitudes[level])
+            operations.append((name, probability, magnitude, signed))
+        table.append(tuple(operations))
+    return tuple(table)
+
 
 def auto_augment_plan(
     batch_size: int, height: int, width: int, generator: torch.Generator
@@ -67,23 +91,15 @@ def auto_augment_plan(
     As torchvision's ``AutoAugment`` does per image: one of the 25 sub-policies, then each of
     its two operations with its own probability, and a random sign for signed magnitudes.
     """
-    policy = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
-    chosen = torch.randint(len(policy._policies), (batch_size,), generator=generator).tolist()
+    sub_policies = _sub_policies(height, width)
+    chosen = torch.randint(len(sub_policies), (batch_size,), generator=generator).tolist()
     coins = torch.rand(batch_size, 2, 2, generator=generator).tolist()  # (image, op, apply/sign)
-    plan: AugmentPlan = []
-    for sub_policy, image_coins in zip(chosen, coins):
-        operations = []
-        for (name, probability, level), (apply, sign) in zip(
-            policy._policies[sub_policy], image_coins
-        ):
-            if apply > probability:
-                continue
-            magnitudes_fn, signed = policy._AUGMENTATION_SPACE[name]
-            magnitudes = magnitudes_fn(10, height, width)
-            magnitude = 0.0 if magnitudes is None else float(magnitudes[level])
-            operations.append((name, -magnitude if signed and sign <= 0.5 else magnitude))
-        plan.append(operations)
-    return plan
+    return [
+        [(name, -magnitude if signed and sign <= 0.5 else magnitude)
+         for (name, probability, magnitude, signed), (apply, sign)
+         in zip(sub_policies[sub_policy], image_coins) if apply <= probability]
+        for sub_policy, image_coins in zip(chosen, coins)
+    ]
 
 
 def apply_auto_augment(images: torch.Tensor, plan: AugmentPlan) -> torch.Tensor:
@@ -94,9 +110,6 @@ def apply_auto_augment(images: torch.Tensor, plan: AugmentPlan) -> torch.Tensor:
     of ``v2.AutoAugment``); the result is the same image by image (tested). Measured with
     ``benchmarks/augmentation.py``: 3.6x faster on an H100, about 3x on the CPU.
     """
-    # AutoAugment's policy table and kernel dispatch are private to torchvision (stable since
-    # transforms.v2 appeared in 0.15); its public forward takes one image at a time.
-    policy = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
     augmented = images.clone()
     for step in range(max((len(ops) for ops in plan), default=0)):
         groups: dict[tuple[str, float], list[int]] = {}
@@ -105,9 +118,9 @@ def apply_auto_augment(images: torch.Tensor, plan: AugmentPlan) -> torch.Tensor:
                 groups.setdefault(operations[step], []).append(index)
         for (name, magnitude), members in groups.items():
             index = torch.tensor(members, device=images.device)
-            augmented[index] = policy._apply_image_or_video_transform(
-                augmented[index], name, magnitude, interpolation=policy.interpolation,
-                fill=policy._fill,
+            augmented[index] = _POLICY._apply_image_or_video_transform(
+                augmented[index], name, magnitude, interpolation=_POLICY.interpolation,
+                fill=_POLICY._fill,
             )
     return augmented
 
