@@ -146,19 +146,24 @@ def random_erasing(
     log-uniform aspect ratio; rectangles are clipped to the image.
     """
     b, c, h, w = images.shape
-    draws = torch.rand(5, b, generator=generator)
+    device = images.device
+    draws = torch.rand(5, b, generator=generator).to(device)
     target = h * w * (area[0] + (area[1] - area[0]) * draws[0])
     aspect = torch.exp(log_aspect[0] + (log_aspect[1] - log_aspect[0]) * draws[1])
     box_h = torch.sqrt(target * aspect).round().clamp(1, h)
     box_w = torch.sqrt(target / aspect).round().clamp(1, w)
     top = ((h - box_h + 1) * draws[2]).floor()
     left = ((w - box_w + 1) * draws[3]).floor()
-    rows, cols = torch.arange(h), torch.arange(w)
+    rows, cols = torch.arange(h, device=device), torch.arange(w, device=device)
     inside_rows = (rows >= top[:, None]) & (rows < (top + box_h)[:, None])  # (B, H)
     inside_cols = (cols >= left[:, None]) & (cols < (left + box_w)[:, None])  # (B, W)
     mask = inside_rows[:, :, None] & inside_cols[:, None, :] & (draws[4] < p)[:, None, None]
-    noise = torch.randn(images.shape, generator=generator).to(images.device, images.dtype)
-    return torch.where(mask[:, None].to(images.device), noise, images)
+    # The noise is drawn where the images are, by a generator seeded from ``generator``: a
+    # batch of 128 CIFAR images would otherwise copy 1.5 MB of CPU noise to the GPU per step.
+    noise_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    noise_generator = torch.Generator(device).manual_seed(noise_seed)
+    noise = torch.randn(images.shape, generator=noise_generator, device=device, dtype=images.dtype)
+    return torch.where(mask[:, None], noise, images)
 
 
 def mixup_or_cutmix(
