@@ -16,6 +16,7 @@ from vit.augment import (
     apply_auto_augment,
     auto_augment,
     auto_augment_plan,
+    downscale,
     mixup_or_cutmix,
     normalize,
     random_crop,
@@ -263,7 +264,34 @@ def test_mixing_options_give_label_mixtures_in_training_only(sample_root: Path) 
     assert val_labels.dtype == torch.int64 and val_labels.ndim == 1
 
 
+def test_low_resolution_phase_shrinks_training_batches_for_its_share_of_the_run(sample_root: Path) -> None:
+    dm = ImageDataModule(str(sample_root), download=False, batch_size=8, low_res_size=16,
+                         low_res_fraction=0.5)
+    dm.setup("fit")
+
+    class Loop:  # stands in for a Trainer 4 steps into a run of 10
+        training, global_step, estimated_stepping_batches, callbacks = True, 4, 10, []
+
+    dm.trainer = Loop()
+    batch = next(iter(dm.train_dataloader()))
+    assert dm.on_after_batch_transfer(batch, 0)[0].shape == (8, 3, 16, 16)
+    Loop.global_step = 5  # half the run: full size from here on
+    assert dm.on_after_batch_transfer(batch, 0)[0].shape == (8, 3, 32, 32)
+    Loop.global_step, Loop.training = 0, False  # validation always sees the full size
+    assert dm.on_after_batch_transfer(batch, 0)[0].shape == (8, 3, 32, 32)
+
+
+def test_downscale_averages_neighbouring_pixels() -> None:
+    images = torch.arange(16.0).view(1, 1, 4, 4).expand(2, 3, 4, 4)
+    small = downscale(images, 2)
+    assert small.shape == (2, 3, 2, 2)
+    torch.testing.assert_close(small[0, 0], torch.tensor([[2.5, 4.5], [10.5, 12.5]]))
+    assert downscale(images, 4) is images
+
+
 @pytest.mark.parametrize("options,message", [
+    ({"low_res_size": 32}, "--data.low_res_size 32 must lie between 0 and --data.image_size 32"),
+    ({"low_res_fraction": 1.5}, "--data.low_res_fraction must be in [0, 1], got 1.5"),
     ({"mixup_alpha": 0.8, "batch_size": 33}, "--data.batch_size 33: mixup and CutMix pair"),
     ({"random_erasing": 1.5}, "--data.random_erasing is a probability in [0, 1], got 1.5"),
     ({"cutmix_alpha": -1.0}, "--data.cutmix_alpha must be 0 (off) or positive, got -1.0"),

@@ -84,10 +84,26 @@ def test_heads_that_do_not_divide_width_is_a_clear_error() -> None:
                         encoder=EncoderConfig(embed_dim=48, depth=1, num_heads=5, mlp_ratio=2.0))
 
 
-def test_wrong_input_size_names_the_sizes() -> None:
+@pytest.mark.parametrize("shape", [(30, 30), (32, 16)], ids=["not-a-multiple", "not-square"])
+def test_wrong_input_size_names_the_sizes(shape: tuple[int, int]) -> None:
     model = ImageClassifier(image_size=32, patch_size=4, num_classes=10, encoder=SMALL)
-    with pytest.raises(ValueError, match=r"expected images of 32x32 pixels, got \(64, 64\)"):
-        model(torch.randn(1, 3, 64, 64))
+    message = rf"multiple of patch_size=4 \(built for 32x32\), got {shape[0]}x{shape[1]}"
+    with pytest.raises(ValueError, match=message):
+        model(torch.randn(1, 3, *shape))
+
+
+def test_smaller_images_use_the_same_parameters_with_resampled_positions() -> None:
+    model = ImageClassifier(image_size=32, patch_size=4, num_classes=10, encoder=SMALL).eval()
+    small = ImageClassifier(image_size=16, patch_size=4, num_classes=10, encoder=SMALL).eval()
+    state = model.state_dict()
+    state["pos_embed"] = resample_pos_embed(state["pos_embed"], grid_size=4)
+    small.load_state_dict(state)
+    images = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), small(images))
+    model.train()
+    model(images).sum().backward()
+    assert model.pos_embed.grad is not None and model.pos_embed.grad[0, 1:].abs().sum() > 0
 
 
 def test_linear_patch_embedding_is_one_linear_map_per_flattened_patch() -> None:

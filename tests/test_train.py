@@ -59,6 +59,16 @@ def test_fit_with_every_augmentation_learns_from_label_mixtures(tmp_path: Path) 
     assert any(r.get("train/acc") for r in rows) and "test/acc" in cli.trainer.callback_metrics
 
 
+def test_fit_with_a_low_resolution_phase_then_full_size(tmp_path: Path) -> None:
+    cli = fit(tmp_path, "--data.init_args.low_res_size", "16", "--data.init_args.low_res_fraction", "0.5")
+    assert cli.trainer.global_step == 4 and "test/acc" in cli.trainer.callback_metrics
+
+
+def test_low_resolution_size_must_be_a_multiple_of_the_patch(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--data.low_res_size 18 is not a multiple of --model.patch_size 4"):
+        fit(tmp_path, "--data.init_args.low_res_size", "18")
+
+
 def test_compiled_model_computes_the_same_and_saves_the_same_keys(image_spec: dict) -> None:
     eager = Classifier("nano", data_spec=dict(image_spec)).eval()
     compiled = Classifier("nano", data_spec=dict(image_spec), compile=True).eval()

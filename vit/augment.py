@@ -131,6 +131,14 @@ def auto_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tens
     return apply_auto_augment(images, auto_augment_plan(len(images), height, width, generator))
 
 
+def downscale(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Shrink float (B, C, H, W) images to ``size`` x ``size``: each output pixel is the mean
+    of the input pixels it covers (``area``; plain average pooling for whole factors)."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="area")
+
+
 def random_erasing(
     images: torch.Tensor,
     p: float,

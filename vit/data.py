@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from vit.augment import (
     auto_augment,
+    downscale,
     mixup_or_cutmix,
     normalize,
     random_crop,
@@ -37,6 +38,7 @@ from vit.augment import (
 )
 from vit.errors import ConfigError
 from vit.imageio import ImageDecodeError, is_image_file, load_image
+from vit.progress import find_timer, run_progress
 
 CIFAR10_CLASSES = [
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
@@ -272,6 +274,12 @@ class ImageDataModule(L.LightningDataModule):
         mixup_alpha: Beta parameter of mixup between training images; 0 turns it off.
         cutmix_alpha: Beta parameter of CutMix; 0 turns it off. With both on, each batch
             takes one of the two. Targets become label mixtures.
+        low_res_size: Train on images shrunk to this side (a multiple of the patch size) for
+            the first ``low_res_fraction`` of the run: fewer tokens, several times the steps
+            per second, the same parameters (positions are resampled). 0 turns it off.
+            Validation and test always see ``image_size``.
+        low_res_fraction: Share of the run, in steps or in ``--trainer.max_time`` as for the
+            learning-rate schedule, trained at ``low_res_size``.
         mean: Per-channel mean used for normalisation, in [0, 1].
         std: Per-channel standard deviation used for normalisation, in [0, 1].
         cache_dir: Where decoded splits are cached; defaults to ``~/.cache/vit``.
@@ -294,6 +302,8 @@ class ImageDataModule(L.LightningDataModule):
         random_erasing: float = 0.0,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
+        low_res_size: int = 0,
+        low_res_fraction: float = 0.5,
         mean: tuple[float, float, float] = CIFAR10_MEAN,
         std: tuple[float, float, float] = CIFAR10_STD,
         cache_dir: str | None = None,
@@ -315,6 +325,13 @@ class ImageDataModule(L.LightningDataModule):
                 f"--data.batch_size {batch_size}: mixup and CutMix pair each image with another "
                 f"of its batch; choose an even batch size."
             )
+        if low_res_size and not 0 < low_res_size < image_size:
+            raise ConfigError(
+                f"--data.low_res_size {low_res_size} must lie between 0 and --data.image_size "
+                f"{image_size} (0 turns the low-resolution phase off)."
+            )
+        if not 0 <= low_res_fraction <= 1:
+            raise ConfigError(f"--data.low_res_fraction must be in [0, 1], got {low_res_fraction}.")
         self.root = Path(root).expanduser()
         self.download = download
         self.image_size = image_size
@@ -325,6 +342,8 @@ class ImageDataModule(L.LightningDataModule):
         self.auto_augment = auto_augment
         self.random_erasing = random_erasing
         self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
+        self.low_res_size, self.low_res_fraction = low_res_size, low_res_fraction
+        self._total_steps: int | None = None  # the run's optimiser steps, read at its first batch
         self.mean, self.std = tuple(mean), tuple(std)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.num_workers = num_workers
@@ -441,6 +460,8 @@ class ImageDataModule(L.LightningDataModule):
         if self.hflip:
             images = random_hflip(images, generator=generator)
         images = normalize(images, self.mean, self.std)
+        if self._in_low_res_phase():
+            images = downscale(images, self.low_res_size)
         if self.random_erasing > 0:
             images = random_erasing(images, self.random_erasing, generator)
         if (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and len(images) % 2 == 0:
@@ -449,6 +470,16 @@ class ImageDataModule(L.LightningDataModule):
                 mixup_alpha=self.mixup_alpha, cutmix_alpha=self.cutmix_alpha,
             )
         return images, labels
+
+    def _in_low_res_phase(self) -> bool:
+        """Whether this training batch falls in the run's first ``low_res_fraction``."""
+        if not self.low_res_size:
+            return False
+        trainer = self.trainer
+        if self._total_steps is None:
+            self._total_steps = int(trainer.estimated_stepping_batches)
+        progress = run_progress(trainer.global_step, self._total_steps, find_timer(trainer))
+        return progress < self.low_res_fraction
 
     def _next_training_batch(self) -> torch.Generator:
         """Count a training batch; its augmentation's generator, from (seed, rank, epoch, batch)."""

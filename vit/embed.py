@@ -17,8 +17,11 @@ from torch import nn
 class PatchEmbed(nn.Module):
     """Cut (B, C, H, W) images into P x P patches and embed each one linearly.
 
+    Images of another square size whose side is a multiple of P give a longer or shorter
+    sequence (training at a lower resolution first, ``--data.low_res_size``).
+
     Args:
-        image_size: Height and width of the (square) input images.
+        image_size: Side of the square images the model is built for.
         patch_size: Side of each square patch; must divide ``image_size``.
         in_chans: Colour channels of the input.
         embed_dim: Width of each patch token.
@@ -39,11 +42,12 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.shape[-2:] != (self.image_size, self.image_size):
+        height, width = images.shape[-2:]
+        if height != width or height % self.patch_size:
             raise ValueError(
-                f"expected images of {self.image_size}x{self.image_size} pixels, got "
-                f"{tuple(images.shape[-2:])}: resize the input or build the model with "
-                f"image_size={images.shape[-1]}."
+                f"expected square images whose side is a multiple of patch_size="
+                f"{self.patch_size} (built for {self.image_size}x{self.image_size}), got "
+                f"{height}x{width}: resize the input to {self.image_size}x{self.image_size}."
             )
         x = self.proj(images)  # (B, D, H/P, W/P): one linear map per patch
         return rearrange(x, "b d gh gw -> b (gh gw) d")

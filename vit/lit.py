@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-from lightning.pytorch.callbacks import Timer
 import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
@@ -17,6 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from vit.checkpoint import load_into
 from vit.errors import ConfigError
 from vit.model import build_model, encoder_config
+from vit.progress import find_timer, run_progress
 
 
 def _divisors(n: int) -> str:
@@ -185,6 +185,13 @@ class Classifier(L.LightningModule):
         self.tokenizer_json = checkpoint.get("tokenizer", self.tokenizer_json)
 
     def setup(self, stage: str) -> None:
+        low_res_size = getattr(self.trainer.datamodule, "low_res_size", 0)
+        patch_size = self.hparams.patch_size
+        if low_res_size and low_res_size % patch_size:
+            raise ConfigError(
+                f"--data.low_res_size {low_res_size} is not a multiple of --model.patch_size "
+                f"{patch_size}: choose a multiple such as {max(1, low_res_size // patch_size) * patch_size}."
+            )
         # Runs before a resumed checkpoint is restored, so init_from never overwrites it.
         if stage == "fit" and self.hparams.init_from and not self._initialised_from_file:
             fresh = load_into(self.net, self.hparams.init_from)
@@ -238,17 +245,11 @@ class Classifier(L.LightningModule):
             fused=self.device.type == "cuda",  # one kernel for the whole update on a GPU
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
+        timer = find_timer(self.trainer)
         warmup, floor = self.hparams.warmup_fraction, self.hparams.min_lr_ratio
 
         def lr_factor(step: int) -> float:
-            # Progress through the run: steps, or wall time under --trainer.max_time when that
-            # ends first, so a time-bounded run still completes its warmup and cosine decay.
-            progress = step / total
-            remaining = timer.time_remaining("train") if timer is not None else None
-            if remaining is not None:
-                elapsed = timer.time_elapsed("train")
-                progress = max(progress, elapsed / max(elapsed + remaining, 1e-9))
+            progress = run_progress(step, total, timer)
             if warmup > 0 and progress < warmup:
                 return max(progress, 1 / total) / warmup
             progress = min(1.0, (progress - warmup) / (1 - warmup))

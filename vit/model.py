@@ -15,7 +15,7 @@ import torch
 from timm.layers import build_sincos2d_pos_embed
 from torch import nn
 
-from vit.embed import PatchEmbed, TokenEmbed
+from vit.embed import PatchEmbed, TokenEmbed, resample_pos_embed
 from vit.encoder import Encoder
 
 
@@ -140,11 +140,15 @@ class TokenClassifier(nn.Module):
         tokens, padding_mask = self.embed_tokens(inputs, padding_mask)
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
         x = torch.cat([cls, tokens], dim=1)  # (B, 1 + N, D)
-        x = self.pos_drop(x + self.pos_embed[:, : x.shape[1]])
+        x = self.pos_drop(x + self.position_embedding(x.shape[1]))
         if padding_mask is not None:
             padding_mask = nn.functional.pad(padding_mask, (1, 0), value=False)  # CLS is real
         x = self.blocks(x, padding_mask, cls_only=cls_only)
         return self.norm(x)
+
+    def position_embedding(self, num_tokens: int) -> torch.Tensor:
+        """The (1, num_tokens, D) positions added to a sequence of ``num_tokens`` (CLS included)."""
+        return self.pos_embed[:, :num_tokens]
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         """Class logits (B, num_classes) from the CLS output."""
@@ -216,6 +220,13 @@ class ImageClassifier(TokenClassifier):
         self, inputs: torch.Tensor, padding_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.patch_embed(inputs), padding_mask  # (B, N, D); images have no padding
+
+    def position_embedding(self, num_tokens: int) -> torch.Tensor:
+        """The learned positions, resampled bicubically to the patch grid of an image of
+        another size (differentiable: a lower-resolution phase trains the same parameters)."""
+        if num_tokens == self.pos_embed.shape[1]:
+            return self.pos_embed
+        return resample_pos_embed(self.pos_embed, round((num_tokens - 1) ** 0.5))
 
 
 class TextClassifier(TokenClassifier):
