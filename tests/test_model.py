@@ -6,7 +6,7 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from vit.attention import Attention, impulse_attention_targets
+from vit.attention import Attention
 from vit.embed import resample_pos_embed
 from vit.model import VARIANTS, EncoderConfig, ImageClassifier, encoder_config
 
@@ -138,44 +138,6 @@ def _self_attention_share(attention: Attention, tokens: torch.Tensor) -> float:
     q, k = (t.unflatten(-1, (attention.num_heads, -1)).transpose(1, 2) for t in (q, k))
     weights = (q @ k.transpose(-1, -2) * attention.head_dim**-0.5).softmax(dim=-1)
     return weights.diagonal(dim1=-2, dim2=-1).mean().item()
-
-
-def test_impulse_targets_are_the_taps_of_a_3x3_window() -> None:
-    targets = impulse_attention_targets(grid_size=3, num_heads=10)
-    centre = 4  # patch (1, 1) of the 3x3 grid
-    assert torch.equal(targets[0], torch.eye(9))  # head 0: the centre tap, every patch itself
-    assert targets[1, centre].argmax() == 1  # head 1: the patch above, (0, 1)
-    assert not targets[1, :3].any()  # nothing above the top row
-    taps = {targets[head, centre].argmax().item() for head in range(9)}
-    assert taps == set(range(9))  # nine heads cover the whole window
-    assert torch.equal(targets[9], targets[0])  # the tenth head starts over
-
-
-@pytest.mark.parametrize("positions", ["random", "sincos"])
-def test_impulse_init_makes_each_head_attend_to_its_tap(positions: str) -> None:
-    torch.manual_seed(0)
-    model = ImageClassifier(image_size=32, patch_size=4, num_classes=10, encoder=encoder_config("tiny"))
-    if positions == "sincos":
-        model.sincos_positions_()
-    grid, heads = model.patch_embed.grid_size, model.blocks[0].attn.num_heads
-    patches = model.pos_embed[0, 1:].detach()
-    attention = model.blocks[0].attn
-    attention.impulse_init_(patches, grid)
-    x = torch.nn.functional.layer_norm(patches, (patches.shape[-1],))[None]
-    q, k, _ = attention.qkv(x).detach().unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4)
-    logits = (q @ k.transpose(-1, -2))[0]  # (heads, N, N)
-    targets = impulse_attention_targets(grid, heads)
-    for head in range(heads):
-        has_tap = targets[head].any(dim=-1)
-        hits = logits[head].argmax(-1)[has_tap] == targets[head].argmax(-1)[has_tap]
-        assert hits.float().mean() > 0.9, f"head {head}: {hits.float().mean():.2f}"
-    assert not attention.qkv.bias[: 2 * attention.proj.in_features].any()
-
-
-def test_impulse_init_names_the_positions_it_needs() -> None:
-    attention = Attention(48, 3)
-    with pytest.raises(ValueError, match="needs the 4x4 patch positions of width 48"):
-        attention.impulse_init_(torch.randn(17, 48), grid_size=4)
 
 
 def test_mimetic_init_makes_tokens_attend_to_themselves_and_values_cancel() -> None:

@@ -214,10 +214,3 @@ def test_sincos_positions_for_a_text_model_are_refused_naming_the_option() -> No
             "max_length": MAX_LENGTH, "pad_id": PAD, "tokenizer_kind": "word"}
     with pytest.raises(ConfigError, match="--model.position_init sincos lays positions on a 2-D"):
         Classifier("nano", data_spec=spec, position_init="sincos")
-
-
-def test_impulse_attention_for_a_text_model_is_refused_naming_the_option() -> None:
-    spec = {"modality": "text", "class_names": ["neg", "pos"], "vocab_size": VOCAB,
-            "max_length": MAX_LENGTH, "pad_id": PAD, "tokenizer_kind": "word"}
-    with pytest.raises(ConfigError, match="--model.attention_init impulse shapes attention"):
-        Classifier("nano", data_spec=spec, attention_init="impulse")

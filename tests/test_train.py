@@ -130,19 +130,6 @@ def test_attention_init_option_reaches_every_block(image_spec: dict) -> None:
             assert product.diagonal().mean().item() == pytest.approx(expected, abs=0.05)
 
 
-def test_impulse_init_is_fitted_to_the_positions_in_every_block(image_spec: dict) -> None:
-    torch.manual_seed(0)
-    model = Classifier("nano", data_spec=dict(image_spec), attention_init="impulse", position_init="sincos")
-    reference = Classifier("nano", data_spec=dict(image_spec), position_init="sincos").net
-    grid = model.net.patch_embed.grid_size
-    for block, plain in zip(model.net.blocks, reference.blocks):
-        dim = block.attn.proj.in_features
-        assert not torch.allclose(block.attn.qkv.weight[:dim], plain.attn.qkv.weight[:dim])
-        plain.attn.impulse_init_(model.net.pos_embed[0, 1:].detach(), grid)
-        # The query weights are a function of the sine-cosine positions alone.
-        assert torch.allclose(block.attn.qkv.weight[:dim], plain.attn.qkv.weight[:dim], atol=1e-5)
-
-
 def test_sincos_positions_make_neighbouring_patches_alike(image_spec: dict) -> None:
     model = Classifier("nano", data_spec=dict(image_spec), position_init="sincos")
     grid = model.net.patch_embed.grid_size

@@ -25,29 +25,6 @@ def _noisy_identity_factors(dim: int, alpha: float, beta: float) -> tuple[torch.
     return u * root, root[:, None] * vh
 
 
-# Kernel offsets (row, column) that heads take in turn: the centre, then the four
-# neighbours, then the corners of a 3x3 window, as in Zheng et al. (2025).
-IMPULSE_OFFSETS: tuple[tuple[int, int], ...] = (
-    (0, 0), (-1, 0), (0, 1), (0, -1), (1, 0), (-1, -1), (-1, 1), (1, -1), (1, 1)
-)
-
-
-def impulse_attention_targets(grid_size: int, num_heads: int) -> torch.Tensor:
-    """(num_heads, N, N) 0/1 maps over the N = grid_size**2 patches: head h has each patch
-    attend to the patch at ``IMPULSE_OFFSETS[h % 9]`` from it (none where that falls off the
-    grid), one tap of a 3x3 convolution."""
-    rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
-    rows, cols = rows.flatten(), cols.flatten()
-    targets = torch.zeros(num_heads, grid_size**2, grid_size**2)
-    for head in range(num_heads):
-        d_row, d_col = IMPULSE_OFFSETS[head % len(IMPULSE_OFFSETS)]
-        to_row, to_col = rows + d_row, cols + d_col
-        inside = (to_row >= 0) & (to_row < grid_size) & (to_col >= 0) & (to_col < grid_size)
-        queries = torch.nonzero(inside).squeeze(1)
-        targets[head, queries, to_row[inside] * grid_size + to_col[inside]] = 1.0
-    return targets
-
-
 class Attention(nn.Module):
     """Multi-head self-attention through ``F.scaled_dot_product_attention``.
 
@@ -107,47 +84,6 @@ class Attention(nn.Module):
         for linear in (self.qkv, self.proj):
             if linear.bias is not None:
                 linear.bias.zero_()
-
-    @torch.no_grad()
-    def impulse_init_(self, positions: torch.Tensor, grid_size: int) -> None:
-        """Structured initialisation (Zheng et al. 2025, "Structured Initialization for Vision
-        Transformers"): each head starts as one tap of a 3x3 convolution over the patch grid.
-
-        With the layer-normalised ``positions`` P (N, D) as the input, head h's attention logits
-        are ``P W_q^T W_k P^T``; this sets ``W_q^T W_k`` to the low-rank matrix that brings
-        them closest to an impulse map (``impulse_attention_targets``) through P's pseudo-
-        inverse (of rank ``head_dim``, or P's numerical rank if lower), with both factors
-        scaled to unit Frobenius norm. Query rows past that rank and the query and key biases
-        start at zero; values and the output projection keep their initialisation.
-
-        Args:
-            positions: (grid_size**2, D) position embeddings of the patches (no CLS).
-            grid_size: Patches per side of the image.
-        """
-        dim, rank = self.proj.in_features, self.head_dim
-        if positions.shape != (grid_size**2, dim):
-            raise ValueError(
-                f"impulse initialisation needs the {grid_size}x{grid_size} patch positions of "
-                f"width {dim}, got a tensor of shape {tuple(positions.shape)}."
-            )
-        normed = F.layer_norm(positions.float(), (dim,))
-        # Sine-cosine positions on a small grid span fewer than head_dim dimensions: inverting
-        # beyond their numerical rank would amplify rounding noise instead of the impulses.
-        rank = min(rank, int(torch.linalg.matrix_rank(normed, rtol=1e-2)))
-        u, s, vh = torch.linalg.svd(normed, full_matrices=False)
-        pinv = vh[:rank].T @ torch.diag(1 / s[:rank]) @ u[:, :rank].T  # (D, N)
-        for head, target in enumerate(impulse_attention_targets(grid_size, self.num_heads)):
-            m_u, m_s, m_vh = torch.linalg.svd(pinv @ target @ pinv.T)
-            root = m_s[:rank].sqrt()
-            w_q, w_k = (m_u[:, :rank] * root).T, root[:, None] * m_vh[:rank]  # (rank, D)
-            rows = slice(head * self.head_dim, (head + 1) * self.head_dim)
-            # Query rows past the rank start at zero, so that only the impulse shapes the
-            # logits; their key rows stay random, which lets both learn (zero in both would not).
-            self.qkv.weight[rows] = 0.0
-            self.qkv.weight[rows][:rank] = w_q / w_q.norm()
-            self.qkv.weight[dim:][rows][:rank] = w_k / w_k.norm()
-        if self.qkv.bias is not None:
-            self.qkv.bias[: 2 * dim].zero_()
 
     def forward(
         self,

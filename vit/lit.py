@@ -25,8 +25,7 @@ def _divisors(n: int) -> str:
 
 def check_model_options(
     data_spec: dict[str, Any], variant: str, patch_size: int, flip_average: bool = False,
-    position_init: str = "trunc_normal", attention_init: str = "timm",
-    **shape: int | float | None,
+    position_init: str = "trunc_normal", **shape: int | float | None,
 ) -> None:
     """Raise a ``ConfigError`` naming the option when ``--model`` options cannot fit the data."""
     try:
@@ -48,11 +47,6 @@ def check_model_options(
         raise ConfigError(
             "--model.position_init sincos lays positions on a 2-D patch grid: use trunc_normal "
             f"for {data_spec.get('modality')} data."
-        )
-    if attention_init == "impulse" and data_spec.get("modality") != "image":
-        raise ConfigError(
-            "--model.attention_init impulse shapes attention as convolutions over a 2-D patch "
-            f"grid: use timm or mimetic for {data_spec.get('modality')} data."
         )
     if position_init == "sincos" and encoder.embed_dim % 4:
         raise ConfigError(
@@ -90,11 +84,9 @@ class Classifier(L.LightningModule):
         label_smoothing: Label smoothing of the cross-entropy.
         flip_average: Evaluate (validate, test, predict, classify) on the mean logits of each
             image and its mirror image; image data only.
-        attention_init: ``"timm"`` (truncated normal, std 0.02); ``"mimetic"``: every
+        attention_init: ``"timm"`` (truncated normal, std 0.02) or ``"mimetic"``: every
             attention layer starts as trained ViTs' attention looks (``Attention.mimetic_init_``),
-            which speeds up learning from scratch on small data; ``"impulse"``: each head's
-            queries and keys start as one tap of a 3x3 convolution over the patch grid
-            (``Attention.impulse_init_``); image data only.
+            which speeds up learning from scratch on small data.
         position_init: ``"trunc_normal"`` (std 0.02) or ``"sincos"``: the patch positions start
             as 2-D sine-cosine embeddings (still learned); image data only.
         compile: Compile the network with ``torch.compile`` before fitting (the first steps
@@ -124,7 +116,7 @@ class Classifier(L.LightningModule):
         min_lr_ratio: float = 0.01,
         label_smoothing: float = 0.1,
         flip_average: bool = False,
-        attention_init: Literal["timm", "mimetic", "impulse"] = "timm",
+        attention_init: Literal["timm", "mimetic"] = "timm",
         position_init: Literal["trunc_normal", "sincos"] = "trunc_normal",
         compile: bool = False,
         init_from: str | None = None,
@@ -141,7 +133,7 @@ class Classifier(L.LightningModule):
             json.dumps(tokenizer, ensure_ascii=False) if isinstance(tokenizer, dict) else tokenizer
         self.save_hyperparameters()
         check_model_options(
-            data_spec, variant, patch_size, flip_average, position_init, attention_init,
+            data_spec, variant, patch_size, flip_average, position_init,
             embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
         )
         self.net = build_model(
@@ -155,9 +147,6 @@ class Classifier(L.LightningModule):
                 block.attn.mimetic_init_()
         if position_init == "sincos":
             self.net.sincos_positions_()
-        if attention_init == "impulse":  # after the positions, which it is fitted to
-            for block in self.net.blocks:
-                block.attn.impulse_init_(self.net.pos_embed[0, 1:], self.net.patch_embed.grid_size)
         if compile:
             self.net.compile()  # in place: no ``_orig_mod.`` prefix in the saved keys
         num_classes = self.net.num_classes
