@@ -64,6 +64,29 @@ def test_fit_with_a_low_resolution_phase_then_full_size(tmp_path: Path) -> None:
     assert cli.trainer.global_step == 4 and "test/acc" in cli.trainer.callback_metrics
 
 
+def test_fit_with_muon_gives_the_encoder_matrices_to_muon_and_the_rest_to_adamw(tmp_path: Path) -> None:
+    cli = fit(tmp_path, "--model.optimizer", "muon")
+    assert cli.trainer.global_step == 4 and "test/acc" in cli.trainer.callback_metrics
+    optimizer = cli.trainer.optimizers[0]
+    names = {id(p): name for name, p in cli.model.net.named_parameters()}
+    for_muon = {names[id(p)] for group in optimizer.muon.param_groups for p in group["params"]}
+    for_adamw = {names[id(p)] for group in optimizer.adamw.param_groups for p in group["params"]}
+    assert for_muon == {n for n, p in cli.model.net.named_parameters() if n.startswith("blocks.") and p.ndim == 2}
+    assert for_muon.isdisjoint(for_adamw) and for_muon | for_adamw == set(names.values())
+    assert "patch_embed.proj.weight" in for_adamw and "head.weight" in for_adamw
+
+
+def test_resuming_keeps_the_optimiser_and_another_one_is_refused(tmp_path: Path, image_spec: dict) -> None:
+    cli = fit(tmp_path, "--model.optimizer", "muon", "--test_after_fit", "false")
+    last = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    resumed = fit(tmp_path, "--ckpt_path", str(last), "--trainer.max_epochs", "2", "--test_after_fit", "false")
+    assert resumed.trainer.global_step == 8  # the CLI takes the model's options from the checkpoint
+    assert type(resumed.trainer.optimizers[0]).__name__ == "MuonWithAdamW"
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    with pytest.raises(ConfigError, match="trained with --model.optimizer muon, this run asks for adamw"):
+        Classifier("nano", data_spec=dict(image_spec)).on_load_checkpoint(checkpoint)
+
+
 def test_low_resolution_size_must_be_a_multiple_of_the_patch(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--data.low_res_size 18 is not a multiple of --model.patch_size 4"):
         fit(tmp_path, "--data.init_args.low_res_size", "18")

@@ -16,6 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from vit.checkpoint import load_into
 from vit.errors import ConfigError
 from vit.model import build_model, encoder_config
+from vit.optimizers import MuonWithAdamW
 from vit.progress import find_timer, run_progress
 
 
@@ -78,6 +79,9 @@ class Classifier(L.LightningModule):
         weight_decay: AdamW decay, applied to weight matrices only (not to norms, biases,
             positional embeddings or the CLS token).
         betas: AdamW's moment coefficients.
+        optimizer: ``"adamw"`` for every parameter, or ``"muon"``: Muon for the weight
+            matrices inside the encoder blocks and AdamW for the rest (``MuonWithAdamW``),
+            with the same learning rate, weight decay and schedule.
         warmup_fraction: Share of the run spent warming up linearly from 0. The run's length
             is its optimiser steps, or its ``--trainer.max_time`` when that ends it first.
         min_lr_ratio: Learning rate at the end of the cosine, as a share of ``lr``.
@@ -112,6 +116,7 @@ class Classifier(L.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.05,
         betas: tuple[float, float] = (0.9, 0.999),
+        optimizer: Literal["adamw", "muon"] = "adamw",
         warmup_fraction: float = 0.05,
         min_lr_ratio: float = 0.01,
         label_smoothing: float = 0.1,
@@ -183,6 +188,13 @@ class Classifier(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokenizer_json = checkpoint.get("tokenizer", self.tokenizer_json)
+        trained_with = checkpoint.get("hyper_parameters", {}).get("optimizer", "adamw")
+        if checkpoint.get("optimizer_states") and trained_with != self.hparams.optimizer:
+            raise ConfigError(
+                f"the checkpoint was trained with --model.optimizer {trained_with}, this run asks "
+                f"for {self.hparams.optimizer}: resume with --model.optimizer {trained_with}, or "
+                "start a new run from its weights with --model.init_from."
+            )
 
     def setup(self, stage: str) -> None:
         low_res_size = getattr(self.trainer.datamodule, "low_res_size", 0)
@@ -233,17 +245,29 @@ class Classifier(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         no_decay = {"pos_embed", "cls_token"}
-        decay, keep = [], []
+        use_muon = self.hparams.optimizer == "muon"
+        matrices, decay, keep = [], [], []
         for name, param in self.net.named_parameters():
             if not param.requires_grad:
                 continue
-            (keep if param.ndim < 2 or name in no_decay else decay).append(param)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay},
-             {"params": keep, "weight_decay": 0.0}],
-            lr=self.hparams.lr, betas=tuple(self.hparams.betas),
-            fused=self.device.type == "cuda",  # one kernel for the whole update on a GPU
-        )
+            if param.ndim < 2 or name in no_decay:
+                keep.append(param)
+            elif use_muon and name.startswith("blocks.") and param.ndim == 2:
+                matrices.append(param)
+            else:
+                decay.append(param)
+        wd = self.hparams.weight_decay
+        adamw_groups = [{"params": decay, "weight_decay": wd}, {"params": keep, "weight_decay": 0.0}]
+        fused = self.device.type == "cuda"  # one kernel for the whole AdamW update on a GPU
+        if use_muon:
+            optimizer = MuonWithAdamW(
+                [{"params": matrices, "weight_decay": wd}], adamw_groups,
+                lr=self.hparams.lr, betas=tuple(self.hparams.betas), fused=fused,
+            )
+        else:
+            optimizer = torch.optim.AdamW(
+                adamw_groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas), fused=fused
+            )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         timer = find_timer(self.trainer)
         warmup, floor = self.hparams.warmup_fraction, self.hparams.min_lr_ratio
