@@ -7,9 +7,9 @@ biases and the head stay with AdamW.
 
 ``torch.optim.Muon`` always runs the iterations in bfloat16, which CPUs without bfloat16 units
 multiply several times slower than fp32: a training step of ``configs/cifar10_cpu.yaml``'s
-model took 5.1 times as long as with AdamW on the CPU of ``benchmarks/RESULTS.md``. ``Muon``
-here is the same algorithm with the iterations in bfloat16 on a GPU and fp32 elsewhere
-(1.11 times AdamW's step there).
+model took 7.6 times as long as with AdamW on the 2-core CPU of ``benchmarks/RESULTS.md``
+(``python -m benchmarks.optimizer_step``). ``Muon`` here is the same algorithm with the
+iterations in bfloat16 on a GPU and fp32 elsewhere: 1.2 times AdamW's step there.
 """
 
 from __future__ import annotations
