@@ -39,6 +39,14 @@ def orthogonalise(matrix: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> to
     return (x if wide else x.T).to(matrix.dtype)
 
 
+def run_closure(closure: Callable[[], Any] | None) -> Any:
+    """The loss of an optimiser's ``closure`` (forward and backward), run with gradients on."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class Muon(torch.optim.Optimizer):
     """Muon with Nesterov momentum and decoupled weight decay, for 2-D parameters.
 
@@ -74,10 +82,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
             for param in group["params"]:
@@ -125,10 +130,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Run ``closure`` (forward and backward) once, then update with both optimisers."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         self.muon.step()
         self.adamw.step()
         return loss
