@@ -88,7 +88,10 @@ class Muon(torch.optim.Optimizer):
             for param in group["params"]:
                 if param.grad is None:
                     continue
-                buffer = self.state[param].setdefault("momentum_buffer", torch.zeros_like(param))
+                state = self.state[param]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(param)
+                buffer = state["momentum_buffer"]
                 buffer.mul_(momentum).add_(param.grad)
                 update = param.grad.add(buffer, alpha=momentum)  # Nesterov
                 param.mul_(1 - lr * group["weight_decay"])
