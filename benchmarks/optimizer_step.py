@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import yaml
 
 from vit.model import ImageClassifier, encoder_config
-from vit.optimizers import MuonWithAdamW
+from vit.optimizers import MuonWithAdamW, is_encoder_matrix
 
 
 class TorchMuonWithAdamW(torch.optim.Optimizer):
@@ -46,8 +46,8 @@ def build(model_options: dict, optimizer: str) -> tuple[torch.nn.Module, torch.o
         encoder=encoder_config(model_options.get("variant", "tiny"), **shape),
     )
     lr = float(model_options.get("lr", 1e-3))
-    matrices = [p for n, p in model.named_parameters() if n.startswith("blocks.") and p.ndim == 2]
-    rest = [p for n, p in model.named_parameters() if not (n.startswith("blocks.") and p.ndim == 2)]
+    matrices = [p for n, p in model.named_parameters() if is_encoder_matrix(n, p)]
+    rest = [p for n, p in model.named_parameters() if not is_encoder_matrix(n, p)]
     if optimizer == "adamw":
         return model, torch.optim.AdamW(model.parameters(), lr=lr)
     if optimizer == "muon":

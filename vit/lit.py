@@ -16,7 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from vit.checkpoint import load_into
 from vit.errors import ConfigError
 from vit.model import build_model, encoder_config
-from vit.optimizers import MuonWithAdamW
+from vit.optimizers import MuonWithAdamW, is_encoder_matrix
 from vit.progress import find_timer, run_progress
 
 
@@ -252,7 +252,7 @@ class Classifier(L.LightningModule):
                 continue
             if param.ndim < 2 or name in no_decay:
                 keep.append(param)
-            elif use_muon and name.startswith("blocks.") and param.ndim == 2:
+            elif use_muon and is_encoder_matrix(name, param):
                 matrices.append(param)
             else:
                 decay.append(param)

@@ -39,6 +39,12 @@ def orthogonalise(matrix: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> to
     return (x if wide else x.T).to(matrix.dtype)
 
 
+def is_encoder_matrix(name: str, param: torch.Tensor) -> bool:
+    """Whether a parameter of a ``TokenClassifier``, by its name, is a weight matrix inside the
+    encoder blocks: the hidden layers that ``--model.optimizer muon`` gives to Muon."""
+    return name.startswith("blocks.") and param.ndim == 2
+
+
 def run_closure(closure: Callable[[], Any] | None) -> Any:
     """The loss of an optimiser's ``closure`` (forward and backward), run with gradients on."""
     if closure is None:
