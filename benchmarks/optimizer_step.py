@@ -4,8 +4,9 @@
 
 Three optimisers train copies of the recipe's model (its shape from the config's ``model``
 section): AdamW on every parameter (the baseline), ``vit.optimizers.MuonWithAdamW`` (Muon's
-Newton-Schulz iterations in fp32 off the GPU), and ``torch.optim.Muon`` with AdamW (its
-iterations always in bfloat16). Each repeat times ``--steps`` steps of each in turn; the
+Newton-Schulz iterations in bfloat16 where the hardware has bf16 units, else fp32, with the
+matrices of one shape as one batch), and ``torch.optim.Muon`` with AdamW (its iterations always
+in bfloat16, one matrix at a time). Each repeat times ``--steps`` steps of each in turn; the
 median milliseconds per step and the ratio to AdamW's are printed.
 """
 

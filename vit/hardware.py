@@ -1,0 +1,17 @@
+"""Whether a device multiplies bfloat16 matrices fast: where bf16 pays and where it costs."""
+
+from __future__ import annotations
+
+import torch
+
+
+def has_bf16_units(device: torch.device) -> bool:
+    """True on a GPU and on CPUs with bf16 instructions (Intel AMX or AVX512-BF16), where
+    bfloat16 matrix products run several times faster than float32 ones; False on other CPUs,
+    which emulate bfloat16 and run it several times slower (benchmarks/RESULTS.md)."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
