@@ -49,6 +49,30 @@ def test_training_gradients_match_timm_though_the_last_block_computes_cls_alone(
         torch.testing.assert_close(p.grad, theirs_grads[name].grad, msg=name)
 
 
+def test_bf16_on_the_cpu_attends_in_float32_and_stays_close_to_float32(monkeypatch) -> None:
+    torch.manual_seed(0)
+    model = ImageClassifier(image_size=32, patch_size=4, num_classes=10, encoder=SMALL).train()
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 3, 9, 3])
+    exact = model(images)
+    attention = torch.nn.functional.scaled_dot_product_attention
+    query_dtypes = []
+
+    def recording_attention(q: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        query_dtypes.append(q.dtype)
+        return attention(q, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_attention)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model(images)
+    torch.nn.functional.cross_entropy(mixed.float(), labels).backward()
+    as_bf16 = model.to(torch.bfloat16)(images.bfloat16())  # a model cast whole, no autocast
+    assert query_dtypes == [torch.float32] * (2 * SMALL.depth)
+    assert mixed.dtype == as_bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(mixed.float(), exact, atol=0.05, rtol=0.05)
+    torch.testing.assert_close(as_bf16.float(), exact, atol=0.05, rtol=0.05)
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+
+
 def test_padding_mask_keeps_padded_keys_out_of_image_model() -> None:
     model = ImageClassifier(image_size=32, patch_size=8, num_classes=5, encoder=SMALL).eval()
     images = torch.randn(2, 3, 32, 32)

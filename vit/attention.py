@@ -118,8 +118,16 @@ class Attention(nn.Module):
         attn_mask = None
         if padding_mask is not None:
             attn_mask = rearrange(~padding_mask, "b n -> b 1 1 n")  # True = may attend
-        x = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0.0
-        )  # (B, h, N, d)
-        x = rearrange(x, "b h n d -> b n (h d)")
+        dropout_p = self.attn_drop if self.training else 0.0
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            # torch's CPU attention kernel is slower in bfloat16 than in float32, even on CPUs
+            # with bf16 matrix units (forward and backward at batch 32, 4 heads, 65 tokens:
+            # 52 ms against 7.4 ms, benchmarks/RESULTS.md); only the projections gain from bf16.
+            with torch.autocast("cpu", enabled=False):
+                x = F.scaled_dot_product_attention(
+                    q.float(), k.float(), v.float(), attn_mask=attn_mask, dropout_p=dropout_p
+                ).to(q.dtype)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        x = rearrange(x, "b h n d -> b n (h d)")  # (B, N, D) from (B, h, N, d)
         return self.proj_drop(self.proj(x))
