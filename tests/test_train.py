@@ -76,6 +76,16 @@ def test_fit_with_muon_gives_the_encoder_matrices_to_muon_and_the_rest_to_adamw(
     assert "patch_embed.proj.weight" in for_adamw and "head.weight" in for_adamw
 
 
+def test_fit_in_bf16_mixed_precision_and_a_warning_where_the_cpu_emulates_bf16(
+    tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setattr("vit.cli.has_bf16_units", lambda device: False)
+    with pytest.warns(UserWarning, match="no bfloat16 units.*--trainer.precision 32-true"):
+        cli = fit(tmp_path, "--trainer.precision", "bf16-mixed", "--model.optimizer", "muon")
+    assert cli.trainer.global_step == 4 and "test/acc" in cli.trainer.callback_metrics
+    assert all(p.dtype == torch.float32 for p in cli.model.parameters())  # bf16 in compute only
+
+
 def test_resuming_keeps_the_optimiser_and_another_one_is_refused(tmp_path: Path, image_spec: dict) -> None:
     cli = fit(tmp_path, "--model.optimizer", "muon", "--test_after_fit", "false")
     last = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"

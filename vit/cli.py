@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from vit.checkpoint import CheckpointError
 from vit.data import DataNotFoundError
@@ -23,6 +25,7 @@ from vit.errors import ConfigError
 from vit.fault_tolerance import (
     AtomicCheckpointIO, CheckpointOnSIGTERM, RandomState, check_checkpoint, find_last_checkpoint,
 )
+from vit.hardware import has_bf16_units
 from vit.imageio import ImageDecodeError
 from vit.lit import Classifier
 from vit.run_info import RunInfo
@@ -41,6 +44,18 @@ def default_loggers(save_dir: str) -> list[Logger]:
     if importlib.util.find_spec("tensorboard") is not None:
         loggers.append(TensorBoardLogger(save_dir, name="", version=loggers[0].version))
     return loggers
+
+
+def warn_if_bf16_is_emulated(trainer: L.Trainer) -> None:
+    """Warn when a run asks for bfloat16 on a CPU that has no bf16 units: it would run slower
+    than in float32, not faster."""
+    if "bf16" in str(trainer.precision) and isinstance(trainer.accelerator, CPUAccelerator) \
+            and not has_bf16_units(torch.device("cpu")):
+        rank_zero_warn(
+            f"--trainer.precision {trainer.precision}: this CPU has no bfloat16 units (Intel AMX "
+            f"or AVX512-BF16), so bf16 runs several times slower than float32 here; "
+            f"use --trainer.precision 32-true."
+        )
 
 
 class TrainCLI(LightningCLI):
@@ -120,6 +135,7 @@ class TrainCLI(LightningCLI):
             trainer.callbacks.append(
                 ModelCheckpoint(filename="last", enable_version_counter=False, **trigger)
             )
+        warn_if_bf16_is_emulated(trainer)
         return trainer
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
