@@ -50,6 +50,15 @@ def test_fit_a_few_steps_writes_checkpoints_logs_config_and_tests(tmp_path: Path
     torch.testing.assert_close(model.net.head.weight, state["state_dict"]["net.head.weight"])
 
 
+def test_the_test_after_fit_scores_the_best_or_the_last_weights_as_asked(tmp_path: Path) -> None:
+    best = fit(tmp_path / "best", "--trainer.max_epochs", "2")
+    assert Path(best.trainer.ckpt_path).name.startswith("epoch")
+    last = fit(tmp_path / "last", "--trainer.max_epochs", "2", "--test_weights", "last")
+    assert Path(last.trainer.ckpt_path).name == "last.ckpt"
+    state = torch.load(last.trainer.ckpt_path, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 8 and "test/acc" in last.trainer.callback_metrics
+
+
 def test_fit_with_every_augmentation_learns_from_label_mixtures(tmp_path: Path) -> None:
     cli = fit(tmp_path, "--data.init_args.auto_augment", "true", "--data.init_args.random_erasing",
               "0.25", "--data.init_args.mixup_alpha", "0.8", "--data.init_args.cutmix_alpha", "1.0")

@@ -7,7 +7,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -94,7 +94,13 @@ class TrainCLI(LightningCLI):
         parser.link_arguments("data.spec", "model.data_spec", apply_on="instantiate")
         parser.add_argument(
             "--test_after_fit", type=bool, default=True,
-            help="After fit, test the best checkpoint on the test split.",
+            help="After fit, test on the test split (the weights that --test_weights names).",
+        )
+        parser.add_argument(
+            "--test_weights", type=Literal["best", "last"], default="best",
+            help="Weights the test after fit scores: best, the checkpoint of the best validation "
+                 "accuracy; last, those at the end of training (for runs whose schedule anneals "
+                 "to its end, where picking the best of many noisy validations favours noise).",
         )
         parser.add_argument(
             "--checkpoint_every_n_steps", type=int | None, default=None,
@@ -165,6 +171,10 @@ class TrainCLI(LightningCLI):
         if self._get(self.config, "test_after_fit") and self.trainer.state.status == "finished" \
                 and self.datamodule.test_dataloader is not None:
             ckpt = self.trainer.checkpoint_callback.best_model_path or None
+            if self._get(self.config, "test_weights") == "last":
+                ckpt = next(str(Path(callback.dirpath) / "last.ckpt")
+                            for callback in self.trainer.checkpoint_callbacks
+                            if callback.filename == "last")
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
 
 
