@@ -121,8 +121,8 @@ class Attention(nn.Module):
         dropout_p = self.attn_drop if self.training else 0.0
         if q.device.type == "cpu" and q.dtype == torch.bfloat16:
             # torch's CPU attention kernel is slower in bfloat16 than in float32, even on CPUs
-            # with bf16 matrix units (forward and backward at batch 32, 4 heads, 65 tokens:
-            # 52 ms against 7.4 ms, benchmarks/RESULTS.md); only the projections gain from bf16.
+            # with bf16 matrix units (forward and backward at batch 32, 4 heads, 65 tokens, two
+            # threads: 24.5 ms against 4.9, benchmarks/RESULTS.md); the projections gain from bf16.
             with torch.autocast("cpu", enabled=False):
                 x = F.scaled_dot_product_attention(
                     q.float(), k.float(), v.float(), attn_mask=attn_mask, dropout_p=dropout_p

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
+@functools.cache
 def has_bf16_units(device: torch.device) -> bool:
     """True on a GPU and on CPUs with bf16 instructions (Intel AMX or AVX512-BF16), where
     bfloat16 matrix products run several times faster than float32 ones; False on other CPUs,
-    which emulate bfloat16 and run it several times slower (benchmarks/RESULTS.md)."""
+    which emulate bfloat16 and run it several times slower (benchmarks/RESULTS.md). Probed once
+    per device, as the optimiser asks on every step."""
     if device.type == "cuda":
         return True
     if device.type != "cpu":

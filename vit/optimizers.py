@@ -11,8 +11,8 @@ bfloat16 units multiply bfloat16 several times slower than fp32: on the AMD 2-co
 as long as with AdamW (``python -m benchmarks.optimizer_step``). ``Muon`` here is the same
 algorithm with the iterations in bfloat16 only where the hardware has bf16 units (a GPU, a
 CPU with AMX or AVX512-BF16) and fp32 elsewhere, and with the matrices of one shape
-orthogonalised as one stack: 1.20 times AdamW's step on that AMD CPU (fp32, before the stacking), 1.22 on an
-Intel Xeon with AMX, where torch's takes 1.35.
+orthogonalised as one stack: 1.20 times AdamW's step on that AMD CPU (fp32, before the
+stacking), 1.22 on an Intel Xeon with AMX, where torch's takes 1.35.
 """
 
 from __future__ import annotations
