@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from vit.model import ImageClassifier, encoder_config
-from vit.optimizers import MuonWithAdamW, is_encoder_matrix
+from benchmarks.optimizer_step import build
+from vit.attention import Attention
 
 
 def median_ms(functions: dict[str, Callable[[], None]], calls: int, repeats: int) -> dict[str, float]:
@@ -51,7 +51,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=Path("configs/cifar10_cpu.yaml"))
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=5, help="calls per timed repeat")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
@@ -59,23 +58,9 @@ def main() -> None:
         parser.error(f"--config {args.config}: no such file; pass a recipe from configs/.")
 
     options = yaml.safe_load(args.config.read_text()).get("model", {})
-    shape = {k: options[k] for k in ("embed_dim", "depth", "num_heads", "mlp_ratio") if k in options}
-    encoder = encoder_config(options.get("variant", "tiny"), **shape)
-    torch.manual_seed(0)
-    model = ImageClassifier(
-        image_size=args.image_size, patch_size=options.get("patch_size", 4), num_classes=10,
-        encoder=encoder,
-    )
-    lr = float(options.get("lr", 1e-3))
-    if options.get("optimizer", "adamw") == "muon":
-        named = list(model.named_parameters())
-        optimizer: torch.optim.Optimizer = MuonWithAdamW(
-            [p for n, p in named if is_encoder_matrix(n, p)],
-            [p for n, p in named if not is_encoder_matrix(n, p)], lr=lr,
-        )
-    else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
+    model, optimizer = build(options, options.get("optimizer", "adamw"))
+    attention_layer = next(module for module in model.modules() if isinstance(module, Attention))
+    images = torch.randn(args.batch_size, 3, 32, 32)
     labels = torch.randint(0, 10, (args.batch_size,))
 
     def train_step(bf16: bool) -> Callable[[], None]:
@@ -93,11 +78,11 @@ def main() -> None:
                 model(images)
         return run
 
-    tokens = (args.image_size // options.get("patch_size", 4)) ** 2 + 1
-    heads, width = encoder.num_heads, encoder.embed_dim
+    tokens = (32 // options.get("patch_size", 4)) ** 2 + 1
+    heads, head_dim = attention_layer.num_heads, attention_layer.head_dim
 
     def attention(dtype: torch.dtype) -> Callable[[], None]:
-        q, k, v = (torch.randn(args.batch_size, heads, tokens, width // heads, dtype=dtype,
+        q, k, v = (torch.randn(args.batch_size, heads, tokens, head_dim, dtype=dtype,
                                requires_grad=True) for _ in range(3))
         def run() -> None:
             F.scaled_dot_product_attention(q, k, v).sum().backward()
@@ -113,7 +98,7 @@ def main() -> None:
          median_ms({"fp32": attention(torch.float32), "bf16": attention(torch.bfloat16)},
                    args.steps, args.repeats)),
     ]
-    print(f"{args.config}, batch {args.batch_size}, {args.image_size}x{args.image_size}, "
+    print(f"{args.config}, batch {args.batch_size}, 32x32, "
           f"{torch.get_num_threads()} threads, median of {args.repeats} interleaved repeats of "
           f"{args.steps} calls")
     print("| what | fp32 ms | bf16 ms | fp32 / bf16 (speed-up) |")
