@@ -49,7 +49,9 @@ def test_training_gradients_match_timm_though_the_last_block_computes_cls_alone(
         torch.testing.assert_close(p.grad, theirs_grads[name].grad, msg=name)
 
 
-def test_bf16_on_the_cpu_attends_in_float32_and_stays_close_to_float32(monkeypatch) -> None:
+def test_bf16_on_the_cpu_trains_attention_in_float32_infers_in_bf16_close_to_float32(
+    monkeypatch,
+) -> None:
     torch.manual_seed(0)
     model = ImageClassifier(image_size=32, patch_size=4, num_classes=10, encoder=SMALL).train()
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 3, 9, 3])
@@ -65,10 +67,15 @@ def test_bf16_on_the_cpu_attends_in_float32_and_stays_close_to_float32(monkeypat
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = model(images)
     torch.nn.functional.cross_entropy(mixed.float(), labels).backward()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        inferred = model(images)
     as_bf16 = model.to(torch.bfloat16)(images.bfloat16())  # a model cast whole, no autocast
-    assert query_dtypes == [torch.float32] * (2 * SMALL.depth)
-    assert mixed.dtype == as_bf16.dtype == torch.bfloat16
+    assert query_dtypes == (
+        [torch.float32] * SMALL.depth + [torch.bfloat16] * SMALL.depth + [torch.float32] * SMALL.depth
+    )
+    assert mixed.dtype == inferred.dtype == as_bf16.dtype == torch.bfloat16
     torch.testing.assert_close(mixed.float(), exact, atol=0.05, rtol=0.05)
+    torch.testing.assert_close(inferred.float(), exact, atol=0.05, rtol=0.05)
     torch.testing.assert_close(as_bf16.float(), exact, atol=0.05, rtol=0.05)
     assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
 

@@ -85,6 +85,18 @@ class Attention(nn.Module):
             if linear.bias is not None:
                 linear.bias.zero_()
 
+    def _split_heads(self, projected: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
+        """(B, N, parts * D) -> ``parts`` views of shape (B, h, N, d).
+
+        Splitting before moving the head axis, unlike timm's ``permute(2, 0, 3, 1, 4).unbind(0)``,
+        lets the backward stack the gradients straight into the projection's (B, N, parts * D)
+        layout instead of stacking them and copying the stack once more (a tenth of the
+        training step of ``small`` on the CPU, ``benchmarks/RESULTS.md``).
+        """
+        b, n, _ = projected.shape
+        split = projected.view(b, n, parts, self.num_heads, self.head_dim).unbind(2)
+        return tuple(part.transpose(1, 2) for part in split)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -106,23 +118,21 @@ class Attention(nn.Module):
             dim = x.shape[-1]
             bias = self.qkv.bias
             q = F.linear(x[:, :1], self.qkv.weight[:dim], None if bias is None else bias[:dim])
-            k, v = rearrange(
-                F.linear(x, self.qkv.weight[dim:], None if bias is None else bias[dim:]),
-                "b n (two h d) -> two b h n d", two=2, h=self.num_heads,
+            k, v = self._split_heads(
+                F.linear(x, self.qkv.weight[dim:], None if bias is None else bias[dim:]), 2
             )
-            q = rearrange(q, "b n (h d) -> b h n d", h=self.num_heads)
+            (q,) = self._split_heads(q, 1)
         else:
-            q, k, v = rearrange(
-                self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads
-            )
+            q, k, v = self._split_heads(self.qkv(x), 3)
         attn_mask = None
         if padding_mask is not None:
             attn_mask = rearrange(~padding_mask, "b n -> b 1 1 n")  # True = may attend
         dropout_p = self.attn_drop if self.training else 0.0
-        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-            # torch's CPU attention kernel is slower in bfloat16 than in float32, even on CPUs
-            # with bf16 matrix units (forward and backward at batch 32, 4 heads, 65 tokens, two
-            # threads: 24.5 ms against 4.9, benchmarks/RESULTS.md); the projections gain from bf16.
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad:
+            # The backward of torch's CPU attention kernel is several times slower in bfloat16
+            # than in float32, even on CPUs with bf16 matrix units (forward and backward at batch
+            # 32, 4 heads, 65 tokens, two threads: 24.5 ms against 4.9, benchmarks/RESULTS.md);
+            # its forward alone is as fast in bf16, so inference stays in bf16.
             with torch.autocast("cpu", enabled=False):
                 x = F.scaled_dot_product_attention(
                     q.float(), k.float(), v.float(), attn_mask=attn_mask, dropout_p=dropout_p
