@@ -60,7 +60,8 @@ def main() -> None:
     options = yaml.safe_load(args.config.read_text()).get("model", {})
     model, optimizer = build(options, options.get("optimizer", "adamw"))
     attention_layer = next(module for module in model.modules() if isinstance(module, Attention))
-    images = torch.randn(args.batch_size, 3, 32, 32)
+    side = model.patch_embed.image_size
+    images = torch.randn(args.batch_size, 3, side, side)
     labels = torch.randint(0, 10, (args.batch_size,))
 
     def train_step(bf16: bool) -> Callable[[], None]:
@@ -78,7 +79,7 @@ def main() -> None:
                 model(images)
         return run
 
-    tokens = (32 // options.get("patch_size", 4)) ** 2 + 1
+    tokens = model.patch_embed.num_patches + 1
     heads, head_dim = attention_layer.num_heads, attention_layer.head_dim
 
     def attention(dtype: torch.dtype) -> Callable[[], None]:
@@ -98,7 +99,7 @@ def main() -> None:
          median_ms({"fp32": attention(torch.float32), "bf16": attention(torch.bfloat16)},
                    args.steps, args.repeats)),
     ]
-    print(f"{args.config}, batch {args.batch_size}, 32x32, "
+    print(f"{args.config}, batch {args.batch_size}, {side}x{side}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats} interleaved repeats of "
           f"{args.steps} calls")
     print("| what | fp32 ms | bf16 ms | fp32 / bf16 (speed-up) |")

@@ -170,11 +170,12 @@ class TrainCLI(LightningCLI):
     def after_fit(self) -> None:
         if self._get(self.config, "test_after_fit") and self.trainer.state.status == "finished" \
                 and self.datamodule.test_dataloader is not None:
-            ckpt = self.trainer.checkpoint_callback.best_model_path or None
             if self._get(self.config, "test_weights") == "last":
                 ckpt = next(str(Path(callback.dirpath) / "last.ckpt")
                             for callback in self.trainer.checkpoint_callbacks
                             if callback.filename == "last")
+            else:
+                ckpt = self.trainer.checkpoint_callback.best_model_path or None
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
 
 
