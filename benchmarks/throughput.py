@@ -9,7 +9,8 @@ their ratio are printed, with the achieved GFLOP/s of a training step against th
 fp32 matmul rate measured in the same run. FLOPs are those each model executes: ours skips
 the last block's work on every token but CLS, so it runs fewer for the same logits. On a GPU
 the timers wait for the device, and ``--precision bf16`` runs both models under bf16 autocast
-(the matmul rate is then measured in bf16).
+(the matmul rate is then measured in bf16). Both models share one process, which keeps freed
+memory as ``train.py`` does (``vit.allocator``; ``python -m benchmarks.allocator`` measures it).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.flop_counter import FlopCounterMode
 
+from vit.allocator import keep_freed_memory
 from vit.model import ImageClassifier, encoder_config
 
 
@@ -152,12 +154,13 @@ def main() -> None:
     def autocast() -> contextlib.AbstractContextManager:
         return torch.autocast(device.type, dtype=dtype, enabled=args.precision == "bf16")
 
+    kept = keep_freed_memory()
     torch.manual_seed(0)
     peak = matmul_gflops(device, dtype, size=4096 if device.type == "cuda" else 1024)
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"{torch.get_num_threads()} threads")
     print(f"torch {torch.__version__}, {hardware}, {args.precision} matmul {peak:.1f} GFLOP/s "
-          "(measured now)")
+          f"(measured now), freed memory kept: {'yes' if kept else 'no (not glibc)'}")
     compiled = [name for name, on in (("ours", args.compile), ("timm", args.compile_timm)) if on]
     print(f"batch {args.batch_size}, {args.image_size}x{args.image_size}, patch {args.patch_size}, "
           f"median of {args.repeats} interleaved repeats of {args.steps} steps"

@@ -27,6 +27,7 @@ from typing import IO
 import torch
 from tqdm.auto import tqdm
 
+from vit.allocator import keep_freed_memory
 from vit.checkpoint import CheckpointError
 from vit.imageio import IMAGE_EXTENSIONS, is_image_file
 from vit.predictor import Prediction, Predictor
@@ -259,6 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the script (``argv`` instead of ``sys.argv[1:]`` when given); returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()
     try:
         predictor = Predictor.load(args.checkpoint, device=args.device)
         items, failures = _gather(args, predictor)

@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from vit.allocator import keep_freed_memory
 from vit.checkpoint import CheckpointError
 from vit.data import DataNotFoundError
 from vit.errors import ConfigError
@@ -185,6 +186,7 @@ def main(args: list[str] | None = None) -> TrainCLI:
     # only add copies (an epoch of CIFAR-10 batches: 7x slower with two workers than with none,
     # benchmarks/RESULTS.md): Lightning's advice to add DataLoader workers does not apply.
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    keep_freed_memory()
     return TrainCLI(args=args)
 
 

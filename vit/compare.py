@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from vit import figures
+from vit.allocator import keep_freed_memory
 from vit.attention_maps import attention_rollout, capture_attention
 from vit.augment import normalize
 from vit.checkpoint import load_saved_model
@@ -749,6 +750,7 @@ def main(argv: list[str] | None = None) -> None:
         argv = ["report", *argv]
     args = parser().parse_args(argv)
     command = "python -m vit.compare " + shlex.join(argv)
+    keep_freed_memory()
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     if args.command == "tokens":
