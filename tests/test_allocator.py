@@ -28,6 +28,7 @@ def cycle(size):
 print(statistics.median(cycle(3_000_000 + 65_536 * k) for k in range(9)))
 """
 
+
 def faults_per_cycle(policy: str) -> float:
     command = [sys.executable, "-c", CYCLES, policy]
     out = subprocess.run(command, capture_output=True, text=True, check=True)

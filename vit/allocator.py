@@ -5,7 +5,7 @@ them back when they are freed, and it trims the top of its heap as soon as enoug
 free. A training step frees and reallocates the same activations every step, so every step the
 kernel maps them afresh and zeroes each 4 KiB page on first touch: about 6,000 page faults a
 step of the CPU recipe (batch 32), 8,000-80,000 for ``tiny`` and ``small`` at batch 128, and
-7-15 % of the step's time (``python -m benchmarks.allocator``, benchmarks/RESULTS.md). With
+a step 1.07-1.15 times as long (``python -m benchmarks.allocator``, benchmarks/RESULTS.md). With
 the threshold fixed at glibc's ceiling of 32 MiB and trimming off, freed blocks stay in the
 heap and the next step reuses them: the process holds on to its peak memory instead.
 """
