@@ -31,16 +31,9 @@ from benchmarks.optimizer_step import build
 from vit.allocator import is_glibc, keep_freed_memory
 
 
-def model_options(args: argparse.Namespace) -> dict:
-    """The config's ``model`` section with ``--variant`` and ``--depth`` applied."""
-    options = yaml.safe_load(args.config.read_text()).get("model", {})
-    options.update({k: v for k, v in (("variant", args.variant), ("depth", args.depth)) if v})
-    return options
-
-
-def time_steps(args: argparse.Namespace) -> dict[str, float]:
+def time_steps(args: argparse.Namespace, model_options: dict) -> dict[str, float]:
     """Median ms of a training step and page faults per step, in this process."""
-    model, optimizer = build(model_options(args), args.optimizer)
+    model, optimizer = build(model_options, args.optimizer)
     images = torch.randn(args.batch_size, 3, 32, 32)
     labels = torch.randint(0, 10, (args.batch_size,))
     bf16 = args.precision == "bf16"
@@ -83,8 +76,10 @@ def main() -> None:
     if not args.config.is_file():
         parser.error(f"--config {args.config}: no such file; pass a recipe from configs/.")
     config = yaml.safe_load(args.config.read_text())
+    options = config.get("model", {})
+    options.update({k: v for k, v in (("variant", args.variant), ("depth", args.depth)) if v})
     if args.optimizer is None:
-        args.optimizer = config.get("model", {}).get("optimizer", "adamw")
+        args.optimizer = options.get("optimizer", "adamw")
     if args.precision is None:
         precision = str(config.get("trainer", {}).get("precision"))
         args.precision = "bf16" if "bf16" in precision else "fp32"
@@ -92,7 +87,7 @@ def main() -> None:
     if args.child:
         if args.child == "keep":
             keep_freed_memory()
-        print(json.dumps(time_steps(args)))
+        print(json.dumps(time_steps(args, options)))
         return
 
     command = [sys.executable, "-m", "benchmarks.allocator", *sys.argv[1:]]
@@ -103,7 +98,6 @@ def main() -> None:
             if out.returncode:
                 raise SystemExit(out.stderr.strip().splitlines()[-1])
             results[policy].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    options = model_options(args)
     print(f"{options.get('variant', 'tiny')} depth {options.get('depth', 'as the variant')} "
           f"({args.config}), {args.optimizer}, {args.precision}, batch {args.batch_size}, "
           f"{torch.get_num_threads()} threads; median of {args.rounds} processes each, "
