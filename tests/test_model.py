@@ -6,6 +6,7 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from vit import cpu_attention
 from vit.attention import Attention
 from vit.embed import resample_pos_embed
 from vit.model import VARIANTS, EncoderConfig, ImageClassifier, encoder_config
@@ -56,23 +57,29 @@ def test_bf16_on_the_cpu_trains_attention_in_float32_infers_in_bf16_close_to_flo
     model = ImageClassifier(image_size=32, patch_size=4, num_classes=10, encoder=SMALL).train()
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 3, 9, 3])
     exact = model(images)
-    attention = torch.nn.functional.scaled_dot_product_attention
-    query_dtypes = []
+    attention, kernel = torch.nn.functional.scaled_dot_product_attention, cpu_attention.attention
+    query_dtypes, kernel_dtypes = [], []
 
     def recording_attention(q: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         query_dtypes.append(q.dtype)
         return attention(q, *args, **kwargs)
 
+    def recording_kernel(qkv: torch.Tensor) -> torch.Tensor:
+        kernel_dtypes.append(qkv.dtype)
+        return kernel(qkv)
+
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_attention)
+    monkeypatch.setattr(cpu_attention, "attention", recording_kernel)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = model(images)
     torch.nn.functional.cross_entropy(mixed.float(), labels).backward()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         inferred = model(images)
     as_bf16 = model.to(torch.bfloat16)(images.bfloat16())  # a model cast whole, no autocast
-    assert query_dtypes == (
-        [torch.float32] * SMALL.depth + [torch.bfloat16] * SMALL.depth + [torch.float32] * SMALL.depth
-    )
+    # Training (autocast, then the bf16 model): this project's kernel in float32, but for the
+    # CLS-only last block (torch's kernel, in float32); inference: torch's kernel in bfloat16.
+    assert kernel_dtypes == [torch.bfloat16] * (SMALL.depth - 1) * 2
+    assert query_dtypes == [torch.float32] + [torch.bfloat16] * SMALL.depth + [torch.float32]
     assert mixed.dtype == inferred.dtype == as_bf16.dtype == torch.bfloat16
     torch.testing.assert_close(mixed.float(), exact, atol=0.05, rtol=0.05)
     torch.testing.assert_close(inferred.float(), exact, atol=0.05, rtol=0.05)

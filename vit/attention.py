@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from vit import cpu_attention
+
 
 def _noisy_identity_factors(dim: int, alpha: float, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``left @ right == alpha * Z + beta * I`` for a random Z (uniform, variance 1 / dim).
@@ -26,7 +28,8 @@ def _noisy_identity_factors(dim: int, alpha: float, beta: float) -> tuple[torch.
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through ``F.scaled_dot_product_attention``.
+    """Multi-head self-attention through ``F.scaled_dot_product_attention``, or on the CPU for
+    short unpadded sequences through this project's kernel (``vit.cpu_attention``).
 
     Args:
         dim: Token width.
@@ -114,6 +117,7 @@ class Attention(nn.Module):
             cls_only: Compute the output of the first token only, (B, 1, D): every
                 token is still a key and a value, but only token 0 queries.
         """
+        dropout_p = self.attn_drop if self.training else 0.0
         if cls_only:  # rows [0, D) of the fused weight make queries, [D, 3D) keys and values
             dim = x.shape[-1]
             bias = self.qkv.bias
@@ -123,11 +127,15 @@ class Attention(nn.Module):
             )
             (q,) = self._split_heads(q, 1)
         else:
-            q, k, v = self._split_heads(self.qkv(x), 3)
+            qkv = self.qkv(x)
+            b, n, _ = qkv.shape
+            heads = qkv.view(b, n, 3, self.num_heads, self.head_dim)
+            if padding_mask is None and cpu_attention.usable(heads, dropout_p):
+                return self.proj_drop(self.proj(cpu_attention.attention(heads)))
+            q, k, v = self._split_heads(qkv, 3)
         attn_mask = None
         if padding_mask is not None:
             attn_mask = rearrange(~padding_mask, "b n -> b 1 1 n")  # True = may attend
-        dropout_p = self.attn_drop if self.training else 0.0
         if q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad:
             # The backward of torch's CPU attention kernel is several times slower in bfloat16
             # than in float32, even on CPUs with bf16 matrix units (forward and backward at batch

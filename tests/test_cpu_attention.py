@@ -1,0 +1,144 @@
+"""The CPU attention kernel computes softmax(q k^T / sqrt(d)) v and its gradient as torch does,
+and the model falls back to torch's kernel wherever this one does not apply."""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from vit import cpu_attention
+from vit.attention import Attention
+
+pytestmark = pytest.mark.skipif(
+    sys.platform != "linux" or platform.machine() != "x86_64",
+    reason="the kernel is built on x86-64 Linux only",
+)
+
+
+def torch_attention(qkv: torch.Tensor) -> torch.Tensor:
+    """(B, N, 3, H, D) -> (B, N, H * D) through F.scaled_dot_product_attention."""
+    q, k, v = (part.transpose(1, 2) for part in qkv.unbind(2))
+    out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).flatten(2)
+
+
+def test_the_kernel_builds_here() -> None:
+    assert cpu_attention.extension() is not None
+
+
+@pytest.mark.parametrize(
+    ("batch", "tokens", "heads", "head_dim"),
+    [(4, 65, 4, 32), (3, 65, 12, 16), (2, 17, 3, 8), (2, 1, 2, 64), (1, 130, 2, 24)],
+)
+def test_output_and_gradient_as_exact_as_torchs_attention(
+    batch: int, tokens: int, heads: int, head_dim: int
+) -> None:
+    """Both kernels against float64: the same function, rounded in a different order."""
+    torch.manual_seed(0)
+    qkv = 3 * torch.randn(batch, tokens, 3, heads, head_dim)
+    grad_out = torch.randn(batch, tokens, heads * head_dim)
+
+    def output_and_gradient(function, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = inputs.clone().requires_grad_()
+        out = function(inputs)
+        (grad,) = torch.autograd.grad(out, inputs, grad_out.to(inputs.dtype))
+        return out.double(), grad.double()
+
+    exact = output_and_gradient(torch_attention, qkv.double())
+    ours = output_and_gradient(cpu_attention.attention, qkv)
+    theirs = output_and_gradient(torch_attention, qkv)
+    for mine, reference, truth in zip(ours, theirs, exact):
+        our_error = (mine - truth).abs().max().item()
+        their_error = (reference - truth).abs().max().item()
+        assert our_error <= 2 * their_error + 1e-6 * truth.abs().max().item(), (our_error, their_error)
+        assert our_error <= 1e-5 * truth.abs().max().item() + 1e-6
+
+
+def test_without_gradients_the_kernel_still_attends() -> None:
+    qkv = torch.randn(2, 65, 3, 4, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(cpu_attention.attention(qkv), torch_attention(qkv), atol=1e-5, rtol=1e-4)
+
+
+def test_the_attention_layer_uses_the_kernel_and_matches_torchs(monkeypatch) -> None:
+    torch.manual_seed(0)
+    layer = Attention(64, 4).train()
+    x = torch.randn(3, 65, 64, requires_grad=True)
+    calls = []
+    kernel = cpu_attention.attention
+    monkeypatch.setattr(cpu_attention, "attention", lambda qkv: calls.append(qkv.shape) or kernel(qkv))
+    ours = layer(x)
+    (our_grads) = torch.autograd.grad(ours.square().sum(), [x, *layer.parameters()])
+    assert calls == [(3, 65, 3, 4, 16)]
+    monkeypatch.setattr(cpu_attention, "usable", lambda *args: False)
+    theirs = layer(x)
+    (their_grads) = torch.autograd.grad(theirs.square().sum(), [x, *layer.parameters()])
+    assert len(calls) == 1
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+    for mine, reference in zip(our_grads, their_grads):
+        torch.testing.assert_close(mine, reference, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "case", ["padding mask", "attention dropout", "too many tokens", "flop counter"]
+)
+def test_torchs_kernel_where_this_one_does_not_apply(case: str, monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(cpu_attention, "attention", lambda qkv: calls.append(1))
+    layer = Attention(32, 2, attn_drop=0.1 if case == "attention dropout" else 0.0).train()
+    tokens = cpu_attention.MAX_TOKENS + 1 if case == "too many tokens" else 9
+    x = torch.randn(2, tokens, 32)
+    if case == "padding mask":
+        out = layer(x, torch.zeros(2, tokens, dtype=torch.bool))
+    elif case == "flop counter":
+        with FlopCounterMode(display=False) as counter:
+            out = layer(x)
+        assert counter.get_total_flops() > 4 * 2 * tokens * tokens * 32  # the attention products
+    else:
+        out = layer(x)
+    assert out.shape == (2, tokens, 32) and calls == []
+
+
+def test_switched_off_by_the_environment(monkeypatch) -> None:
+    monkeypatch.setenv(cpu_attention.ENV_SWITCH, "0")
+    cpu_attention.extension.cache_clear()
+    try:
+        assert cpu_attention.extension() is None
+        assert not cpu_attention.usable(torch.randn(1, 5, 3, 2, 4), 0.0)
+    finally:
+        monkeypatch.delenv(cpu_attention.ENV_SWITCH)
+        cpu_attention.extension.cache_clear()
+    assert cpu_attention.extension() is not None
+
+
+def test_a_failed_build_warns_and_falls_back(monkeypatch) -> None:
+    import torch.utils.cpp_extension
+
+    def no_compiler(**kwargs) -> None:
+        raise RuntimeError("Error building extension 'vit_cpu_attention'\ng++: not found")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    cpu_attention.extension.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match=r"could not be built \(RuntimeError: g\+\+: not found\).*"
+                          r"scaled_dot_product_attention.*VIT_CPU_ATTENTION=0"):
+            assert cpu_attention.extension() is None
+        layer = Attention(32, 2)
+        assert layer(torch.randn(2, 9, 32)).shape == (2, 9, 32)
+    finally:
+        monkeypatch.undo()
+        cpu_attention.extension.cache_clear()
+
+
+def test_pips_ninja_is_put_on_the_path_when_none_is_there(monkeypatch) -> None:
+    import ninja
+
+    monkeypatch.setattr(cpu_attention.shutil, "which", lambda name: None)
+    monkeypatch.setenv("PATH", "/nowhere")
+    cpu_attention._put_ninja_on_path()
+    assert cpu_attention.os.environ["PATH"].split(cpu_attention.os.pathsep) == [ninja.BIN_DIR, "/nowhere"]
