@@ -110,7 +110,7 @@ def usable(qkv: torch.Tensor, dropout_p: float) -> bool:
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
-        out, probs = extension().forward(qkv, scale)
+        out, probs = extension().forward(qkv, scale, True)
         ctx.save_for_backward(qkv, probs)
         ctx.scale = scale
         return out
@@ -133,5 +133,5 @@ def attention(qkv: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and qkv.requires_grad:
         out = _Attention.apply(qkv, scale)
     else:
-        out, _ = extension().forward(qkv, scale)
+        out, _ = extension().forward(qkv, scale, False)
     return out.to(dtype)

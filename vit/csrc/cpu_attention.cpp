@@ -67,24 +67,28 @@ void check_qkv(const torch::Tensor& qkv) {
 
 }  // namespace
 
-// (B, N, 3, H, D) -> output (B, N, H * D) and the attention weights (B, H, N, N).
-std::vector<torch::Tensor> attention_forward(const torch::Tensor& qkv, double scale) {
+// (B, N, 3, H, D) -> output (B, N, H * D), and the attention weights (B, H, N, N) if kept for
+// the backward (an empty tensor otherwise: each thread then reuses one N x N buffer).
+std::vector<torch::Tensor> attention_forward(const torch::Tensor& qkv, double scale,
+                                             bool keep_weights) {
   check_qkv(qkv);
   const int64_t batch = qkv.size(0), tokens = qkv.size(1), heads = qkv.size(3), dim = qkv.size(4);
   auto out = torch::empty({batch, tokens, heads * dim}, qkv.options());
-  auto probs = torch::empty({batch, heads, tokens, tokens}, qkv.options());
+  auto probs = keep_weights ? torch::empty({batch, heads, tokens, tokens}, qkv.options())
+                            : torch::empty({0}, qkv.options());
   const float* qkv_data = qkv.data_ptr<float>();
   float* out_data = out.data_ptr<float>();
   float* probs_data = probs.data_ptr<float>();
   const int n = tokens, d = dim, ld_qkv = 3 * heads * dim, ld_out = heads * dim;
   const float alpha = static_cast<float>(scale);
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(keep_weights ? 0 : tokens * tokens);
     for (int64_t index = begin; index < end; ++index) {
       const int64_t b = index / heads, h = index % heads;
       const float* q = qkv_data + b * tokens * ld_qkv + h * dim;
       const float* k = q + heads * dim;
       const float* v = k + heads * dim;
-      float* p = probs_data + index * tokens * tokens;
+      float* p = keep_weights ? probs_data + index * tokens * tokens : scratch.data();
       gemm('N', 'T', n, n, d, alpha, q, ld_qkv, k, ld_qkv, 0.f, p, n);
       softmax_rows(p, tokens);
       gemm('N', 'N', n, d, n, 1.f, p, n, v, ld_qkv, 0.f, out_data + b * tokens * ld_out + h * dim,
@@ -136,6 +140,7 @@ torch::Tensor attention_backward(const torch::Tensor& grad_out, const torch::Ten
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("forward", &attention_forward, "attention forward: (qkv, scale) -> (out, probs)");
+  module.def("forward", &attention_forward,
+             "attention forward: (qkv, scale, keep_weights) -> (out, probs or an empty tensor)");
   module.def("backward", &attention_backward, "attention backward: (grad_out, qkv, probs, scale) -> grad_qkv");
 }
