@@ -49,8 +49,7 @@ def torch_path(projected: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def our_path(projected: torch.Tensor, heads: int) -> torch.Tensor:
-    b, n, _ = projected.shape
-    return cpu_attention.attention(projected.view(b, n, 3, heads, -1))
+    return cpu_attention.attention(projected, heads)
 
 
 def median_ms(calls: dict[str, Callable[[], None]], steps: int, repeats: int) -> dict[str, float]:

@@ -20,68 +20,101 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def torch_attention(qkv: torch.Tensor) -> torch.Tensor:
-    """(B, N, 3, H, D) -> (B, N, H * D) through F.scaled_dot_product_attention."""
-    q, k, v = (part.transpose(1, 2) for part in qkv.unbind(2))
-    out = F.scaled_dot_product_attention(q, k, v)
-    return out.transpose(1, 2).flatten(2)
+def torch_attention(q: torch.Tensor, kv: torch.Tensor, heads: int) -> torch.Tensor:
+    """Queries (B, Nq, H * D) over keys and values (B, N, 2 * H * D) -> (B, Nq, H * D), through
+    F.scaled_dot_product_attention."""
+    b, n, _ = kv.shape
+    k, v = (part.transpose(1, 2) for part in kv.view(b, n, 2, heads, -1).unbind(2))
+    q = q.view(b, q.shape[1], heads, -1).transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+
+def torch_self_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    width = qkv.shape[-1] // 3
+    return torch_attention(qkv[..., :width], qkv[..., width:], heads)
 
 
 def test_the_kernel_builds_here() -> None:
     assert cpu_attention.extension() is not None
 
 
-@pytest.mark.parametrize(
-    ("batch", "tokens", "heads", "head_dim"),
-    [(4, 65, 4, 32), (3, 65, 12, 16), (2, 17, 3, 8), (2, 1, 2, 64), (1, 130, 2, 24)],
-)
-def test_output_and_gradient_as_exact_as_torchs_attention(
-    batch: int, tokens: int, heads: int, head_dim: int
+SHAPES = [(4, 65, 4, 32), (3, 65, 12, 16), (2, 17, 3, 8), (2, 1, 2, 64), (1, 130, 2, 24)]
+
+
+@pytest.mark.parametrize("queries", ["every token (fused q, k, v)", "the first token", "its own"])
+@pytest.mark.parametrize(("batch", "tokens", "heads", "head_dim"), SHAPES)
+def test_output_and_gradients_as_exact_as_torchs_attention(
+    batch: int, tokens: int, heads: int, head_dim: int, queries: str
 ) -> None:
     """Both kernels against float64: the same function, rounded in a different order."""
     torch.manual_seed(0)
-    qkv = 3 * torch.randn(batch, tokens, 3, heads, head_dim)
-    grad_out = torch.randn(batch, tokens, heads * head_dim)
+    width = heads * head_dim
+    fused = queries.startswith("every")
+    q_tokens = {"the first token": 1, "its own": 5}.get(queries, tokens)
+    inputs = [3 * torch.randn(batch, tokens, 3 * width)] if fused else [
+        3 * torch.randn(batch, q_tokens, width), 3 * torch.randn(batch, tokens, 2 * width)]
+    grad_out = torch.randn(batch, q_tokens, width)
+    if fused:
+        ours, theirs = (lambda qkv: cpu_attention.attention(qkv, heads)), (
+            lambda qkv: torch_self_attention(qkv, heads))
+    else:
+        ours, theirs = (lambda q, kv: cpu_attention.attention_of_queries(q, kv, heads)), (
+            lambda q, kv: torch_attention(q, kv, heads))
 
-    def output_and_gradient(function, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs = inputs.clone().requires_grad_()
-        out = function(inputs)
-        (grad,) = torch.autograd.grad(out, inputs, grad_out.to(inputs.dtype))
-        return out.double(), grad.double()
+    def output_and_gradients(function, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        tensors = [t.clone().requires_grad_() for t in tensors]
+        out = function(*tensors)
+        grads = torch.autograd.grad(out, tensors, grad_out.to(out.dtype))
+        return [out.double(), *(g.double() for g in grads)]
 
-    exact = output_and_gradient(torch_attention, qkv.double())
-    ours = output_and_gradient(cpu_attention.attention, qkv)
-    theirs = output_and_gradient(torch_attention, qkv)
-    for mine, reference, truth in zip(ours, theirs, exact):
-        our_error = (mine - truth).abs().max().item()
-        their_error = (reference - truth).abs().max().item()
+    exact = output_and_gradients(theirs, [t.double() for t in inputs])
+    mine = output_and_gradients(ours, inputs)
+    reference = output_and_gradients(theirs, inputs)
+    for our, their, truth in zip(mine, reference, exact):
+        our_error = (our - truth).abs().max().item()
+        their_error = (their - truth).abs().max().item()
         assert our_error <= 2 * their_error + 1e-6 * truth.abs().max().item(), (our_error, their_error)
         assert our_error <= 1e-5 * truth.abs().max().item() + 1e-6
 
 
 def test_without_gradients_the_kernel_still_attends() -> None:
-    qkv = torch.randn(2, 65, 3, 4, 32)
+    qkv, q = torch.randn(2, 65, 3 * 128), torch.randn(2, 1, 128)
     with torch.no_grad():
-        torch.testing.assert_close(cpu_attention.attention(qkv), torch_attention(qkv), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            cpu_attention.attention(qkv, 4), torch_self_attention(qkv, 4), atol=1e-5, rtol=1e-4
+        )
+        torch.testing.assert_close(
+            cpu_attention.attention_of_queries(q, qkv[..., 128:], 4),
+            torch_attention(q, qkv[..., 128:], 4), atol=1e-5, rtol=1e-4,
+        )
 
 
-def test_the_attention_layer_uses_the_kernel_and_matches_torchs(monkeypatch) -> None:
+@pytest.mark.parametrize("cls_only", [False, True])
+def test_the_attention_layer_uses_the_kernel_and_matches_torchs(cls_only: bool, monkeypatch) -> None:
     torch.manual_seed(0)
     layer = Attention(64, 4).train()
     x = torch.randn(3, 65, 64, requires_grad=True)
     calls = []
-    kernel = cpu_attention.attention
-    monkeypatch.setattr(cpu_attention, "attention", lambda qkv: calls.append(qkv.shape) or kernel(qkv))
-    ours = layer(x)
-    (our_grads) = torch.autograd.grad(ours.square().sum(), [x, *layer.parameters()])
-    assert calls == [(3, 65, 3, 4, 16)]
+    for name in ("attention", "attention_of_queries"):
+        kernel = getattr(cpu_attention, name)
+        monkeypatch.setattr(
+            cpu_attention, name, lambda *args, kernel=kernel, name=name: calls.append(name) or kernel(*args)
+        )
+    ours = layer(x, cls_only=cls_only)
+    our_grads = torch.autograd.grad(ours.square().sum(), [x, *layer.parameters()])
+    assert calls == ["attention_of_queries" if cls_only else "attention"]
     monkeypatch.setattr(cpu_attention, "usable", lambda *args: False)
-    theirs = layer(x)
-    (their_grads) = torch.autograd.grad(theirs.square().sum(), [x, *layer.parameters()])
-    assert len(calls) == 1
+    theirs = layer(x, cls_only=cls_only)
+    their_grads = torch.autograd.grad(theirs.square().sum(), [x, *layer.parameters()])
+    assert len(calls) == 1 and ours.shape == (3, 1 if cls_only else 65, 64)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
     for mine, reference in zip(our_grads, their_grads):
         torch.testing.assert_close(mine, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_mismatched_inputs_are_refused_with_their_shapes() -> None:
+    with pytest.raises(RuntimeError, match=r"queries \[2, 1, 64\] and keys/values \[2, 9, 100\] do not fit 4 heads"):
+        cpu_attention.attention_of_queries(torch.randn(2, 1, 64), torch.randn(2, 9, 100), 4)
 
 
 @pytest.mark.parametrize(
@@ -89,7 +122,7 @@ def test_the_attention_layer_uses_the_kernel_and_matches_torchs(monkeypatch) -> 
 )
 def test_torchs_kernel_where_this_one_does_not_apply(case: str, monkeypatch) -> None:
     calls = []
-    monkeypatch.setattr(cpu_attention, "attention", lambda qkv: calls.append(1))
+    monkeypatch.setattr(cpu_attention, "attention", lambda *args: calls.append(1))
     layer = Attention(32, 2, attn_drop=0.1 if case == "attention dropout" else 0.0).train()
     tokens = cpu_attention.MAX_TOKENS + 1 if case == "too many tokens" else 9
     x = torch.randn(2, tokens, 32)
@@ -109,7 +142,7 @@ def test_switched_off_by_the_environment(monkeypatch) -> None:
     cpu_attention.extension.cache_clear()
     try:
         assert cpu_attention.extension() is None
-        assert not cpu_attention.usable(torch.randn(1, 5, 3, 2, 4), 0.0)
+        assert not cpu_attention.usable(torch.randn(1, 5, 24), 0.0)
     finally:
         monkeypatch.delenv(cpu_attention.ENV_SWITCH)
         cpu_attention.extension.cache_clear()

@@ -57,29 +57,34 @@ def test_bf16_on_the_cpu_trains_attention_in_float32_infers_in_bf16_close_to_flo
     model = ImageClassifier(image_size=32, patch_size=4, num_classes=10, encoder=SMALL).train()
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 3, 9, 3])
     exact = model(images)
-    attention, kernel = torch.nn.functional.scaled_dot_product_attention, cpu_attention.attention
+    attention = torch.nn.functional.scaled_dot_product_attention
+    kernels = cpu_attention.attention, cpu_attention.attention_of_queries
     query_dtypes, kernel_dtypes = [], []
 
     def recording_attention(q: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         query_dtypes.append(q.dtype)
         return attention(q, *args, **kwargs)
 
-    def recording_kernel(qkv: torch.Tensor) -> torch.Tensor:
-        kernel_dtypes.append(qkv.dtype)
-        return kernel(qkv)
+    def recording(kernel):
+        def recording_kernel(projection: torch.Tensor, *args) -> torch.Tensor:
+            kernel_dtypes.append(projection.dtype)
+            return kernel(projection, *args)
+
+        return recording_kernel
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_attention)
-    monkeypatch.setattr(cpu_attention, "attention", recording_kernel)
+    monkeypatch.setattr(cpu_attention, "attention", recording(kernels[0]))
+    monkeypatch.setattr(cpu_attention, "attention_of_queries", recording(kernels[1]))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = model(images)
     torch.nn.functional.cross_entropy(mixed.float(), labels).backward()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         inferred = model(images)
     as_bf16 = model.to(torch.bfloat16)(images.bfloat16())  # a model cast whole, no autocast
-    # Training (autocast, then the bf16 model): this project's kernel in float32, but for the
-    # CLS-only last block (torch's kernel, in float32); inference: torch's kernel in bfloat16.
-    assert kernel_dtypes == [torch.bfloat16] * (SMALL.depth - 1) * 2
-    assert query_dtypes == [torch.float32] + [torch.bfloat16] * SMALL.depth + [torch.float32]
+    # Training (autocast, then the bf16 model): this project's kernel, in float32 (it takes the
+    # bf16 projections); inference: torch's kernel in bfloat16.
+    assert kernel_dtypes == [torch.bfloat16] * SMALL.depth * 2
+    assert query_dtypes == [torch.bfloat16] * SMALL.depth
     assert mixed.dtype == inferred.dtype == as_bf16.dtype == torch.bfloat16
     torch.testing.assert_close(mixed.float(), exact, atol=0.05, rtol=0.05)
     torch.testing.assert_close(inferred.float(), exact, atol=0.05, rtol=0.05)

@@ -122,16 +122,16 @@ class Attention(nn.Module):
             dim = x.shape[-1]
             bias = self.qkv.bias
             q = F.linear(x[:, :1], self.qkv.weight[:dim], None if bias is None else bias[:dim])
-            k, v = self._split_heads(
-                F.linear(x, self.qkv.weight[dim:], None if bias is None else bias[dim:]), 2
-            )
+            kv = F.linear(x, self.qkv.weight[dim:], None if bias is None else bias[dim:])
+            if padding_mask is None and cpu_attention.usable(kv, dropout_p):
+                out = cpu_attention.attention_of_queries(q, kv, self.num_heads)
+                return self.proj_drop(self.proj(out))
+            k, v = self._split_heads(kv, 2)
             (q,) = self._split_heads(q, 1)
         else:
             qkv = self.qkv(x)
-            b, n, _ = qkv.shape
-            heads = qkv.view(b, n, 3, self.num_heads, self.head_dim)
-            if padding_mask is None and cpu_attention.usable(heads, dropout_p):
-                return self.proj_drop(self.proj(cpu_attention.attention(heads)))
+            if padding_mask is None and cpu_attention.usable(qkv, dropout_p):
+                return self.proj_drop(self.proj(cpu_attention.attention(qkv, self.num_heads)))
             q, k, v = self._split_heads(qkv, 3)
         attn_mask = None
         if padding_mask is not None:

@@ -85,19 +85,19 @@ def extension() -> ModuleType | None:
         torch_log.setLevel(level)
 
 
-def usable(qkv: torch.Tensor, dropout_p: float) -> bool:
-    """Whether :func:`attention` can take this (B, N, 3, H, D) projection.
+def usable(projection: torch.Tensor, dropout_p: float) -> bool:
+    """Whether this kernel can attend over the keys and values of ``projection`` (B, N, width).
 
     A bfloat16 projection only while training: torch's kernel infers as fast in bfloat16. Not
     while a tensor dispatch mode such as ``FlopCounterMode`` watches, which sees torch's
     operators and not this kernel, nor while torch compiles, traces or exports the model.
     """
-    trains_in_bf16 = qkv.dtype == torch.bfloat16 and qkv.requires_grad
+    trains_in_bf16 = projection.dtype == torch.bfloat16 and projection.requires_grad
     return (
-        qkv.device.type == "cpu"
-        and (qkv.dtype == torch.float32 or trains_in_bf16)
+        projection.device.type == "cpu"
+        and (projection.dtype == torch.float32 or trains_in_bf16)
         and dropout_p == 0.0
-        and qkv.shape[1] <= MAX_TOKENS
+        and projection.shape[1] <= MAX_TOKENS
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
         and not torch.jit.is_scripting()
@@ -107,31 +107,62 @@ def usable(qkv: torch.Tensor, dropout_p: float) -> bool:
     )
 
 
-class _Attention(torch.autograd.Function):
+class _FusedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qkv: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
-        out, probs = extension().forward(qkv, scale, True)
-        ctx.save_for_backward(qkv, probs)
-        ctx.scale = scale
+    def forward(ctx, qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:  # type: ignore[override]
+        out, weights = extension().fused_forward(qkv, heads, scale, True)
+        ctx.save_for_backward(qkv, weights)
+        ctx.heads, ctx.scale = heads, scale
         return out
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        qkv, probs = ctx.saved_tensors
-        return extension().backward(grad_out, qkv, probs, ctx.scale), None
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        qkv, weights = ctx.saved_tensors
+        return extension().fused_backward(grad_out, qkv, weights, ctx.heads, ctx.scale), None, None
 
 
-def attention(qkv: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v of every head, (B, N, 3, H, D) -> (B, N, H * D).
+class _SplitAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, kv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:  # type: ignore[override]
+        out, weights = extension().split_forward(q, kv, heads, scale, True)
+        ctx.save_for_backward(q, kv, weights)
+        ctx.heads, ctx.scale = heads, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:  # type: ignore[override]
+        q, kv, weights = ctx.saved_tensors
+        grad_q, grad_kv = extension().split_backward(grad_out, q, kv, weights, ctx.heads, ctx.scale)
+        return grad_q, grad_kv, None, None
+
+
+def _as_float(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.float().contiguous()
+
+
+def attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v of every head from the fused projection, (B, N, 3 * H * D) ->
+    (B, N, H * D), in the head order of timm's ``Attention`` (q, k, v; head by head in each).
 
     A bfloat16 projection (bf16 autocast) is attended in float32 and returned in bfloat16, as
     torch's kernel is slow in bfloat16 backward; callers check :func:`usable` first.
     """
-    dtype = qkv.dtype
-    scale = qkv.shape[-1] ** -0.5
-    qkv = qkv.float().contiguous()
-    if torch.is_grad_enabled() and qkv.requires_grad:
-        out = _Attention.apply(qkv, scale)
+    scale = (qkv.shape[-1] // (3 * heads)) ** -0.5
+    fused = _as_float(qkv)
+    if torch.is_grad_enabled() and fused.requires_grad:
+        out = _FusedAttention.apply(fused, heads, scale)
     else:
-        out, _ = extension().forward(qkv, scale, False)
-    return out.to(dtype)
+        out, _ = extension().fused_forward(fused, heads, scale, False)
+    return out.to(qkv.dtype)
+
+
+def attention_of_queries(q: torch.Tensor, kv: torch.Tensor, heads: int) -> torch.Tensor:
+    """As :func:`attention`, for queries (B, Nq, H * D) of their own over the keys and values
+    (B, N, 2 * H * D): the CLS-only last block, whose one query attends over every token."""
+    scale = (kv.shape[-1] // (2 * heads)) ** -0.5
+    queries, keys_values = _as_float(q), _as_float(kv)
+    if torch.is_grad_enabled() and (queries.requires_grad or keys_values.requires_grad):
+        out = _SplitAttention.apply(queries, keys_values, heads, scale)
+    else:
+        out, _ = extension().split_forward(queries, keys_values, heads, scale, False)
+    return out.to(q.dtype)

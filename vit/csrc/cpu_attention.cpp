@@ -1,10 +1,12 @@
 // Softmax attention for short sequences on the CPU: one (sample, head) at a time, in cache.
 //
-// Input is the fused projection (B, N, 3, H, D) exactly as nn.Linear wrote it. The forward reads
-// each head's q, k and v in place, computes S = scale q k^T, P = softmax(S) and o = P v, writes o
-// straight into the (B, N, H * D) layout the output projection reads, and keeps P (B, H, N, N)
-// for the backward. The backward writes dq, dk and dv straight into one (B, N, 3, H, D) gradient,
-// the layout of the projection's output, so nothing is zero-filled, stacked or copied. The matrix
+// Inputs are the projections exactly as nn.Linear wrote them: the queries (B, Nq, H * D) and the
+// keys and values (B, N, 2 * H * D), which may be one fused (B, N, 3 * H * D) tensor (Nq = N) or
+// two (the CLS-only last block: Nq = 1). The forward reads each head's q, k and v in place,
+// computes S = scale q k^T, P = softmax(S) and o = P v, writes o straight into the (B, Nq, H * D)
+// layout the output projection reads, and keeps P (B, H, Nq, N) for the backward. The backward
+// writes dq, dk and dv straight into gradients of the projections' layouts, so nothing is
+// zero-filled, stacked or copied. The matrix
 // products are MKL's sgemm, which libtorch_cpu exports on x86-64; each runs on one thread, the
 // (sample, head) pairs are spread over torch's threads.
 //
@@ -29,118 +31,203 @@ void gemm(char trans_a, char trans_b, int m, int n, int k, float alpha, const fl
   sgemm_(&trans_b, &trans_a, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc);
 }
 
-// Row-wise softmax of the n x n scores, in place. One clone per instruction set, chosen at load.
+// Row-wise softmax of the rows x cols scores, in place. One clone per instruction set, chosen
+// when the library loads.
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-void softmax_rows(float* scores, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    float* row = scores + i * n;
+void softmax_rows(float* scores, int64_t rows, int64_t cols) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* row = scores + i * cols;
     float top = row[0];
-    for (int64_t j = 1; j < n; ++j) top = std::max(top, row[j]);
+    for (int64_t j = 1; j < cols; ++j) top = std::max(top, row[j]);
     float total = 0.f;
-    for (int64_t j = 0; j < n; ++j) {
+    for (int64_t j = 0; j < cols; ++j) {
       row[j] = std::exp(row[j] - top);
       total += row[j];
     }
     const float inverse = 1.f / total;
-    for (int64_t j = 0; j < n; ++j) row[j] *= inverse;
+    for (int64_t j = 0; j < cols; ++j) row[j] *= inverse;
   }
 }
 
 // dS = P * (dP - rowsum(P * dP)), the gradient through the softmax, in place of dP.
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-void softmax_backward_rows(const float* probs, float* grad, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float* p = probs + i * n;
-    float* g = grad + i * n;
+void softmax_backward_rows(const float* probs, float* grad, int64_t rows, int64_t cols) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* p = probs + i * cols;
+    float* g = grad + i * cols;
     float dot = 0.f;
-    for (int64_t j = 0; j < n; ++j) dot += p[j] * g[j];
-    for (int64_t j = 0; j < n; ++j) g[j] = p[j] * (g[j] - dot);
+    for (int64_t j = 0; j < cols; ++j) dot += p[j] * g[j];
+    for (int64_t j = 0; j < cols; ++j) g[j] = p[j] * (g[j] - dot);
   }
 }
 
-void check_qkv(const torch::Tensor& qkv) {
-  TORCH_CHECK(qkv.device().is_cpu() && qkv.scalar_type() == torch::kFloat32 && qkv.dim() == 5 &&
-                  qkv.size(2) == 3 && qkv.is_contiguous(),
-              "cpu_attention expects a contiguous float32 CPU tensor of shape (B, N, 3, H, D), got ",
-              qkv.sizes(), " ", qkv.scalar_type());
+// Where one head's q, k and v rows start, and how far apart they lie.
+struct Layout {
+  int64_t batch, queries, tokens, heads, dim;
+  int64_t q_row, q_batch;    // strides of the queries' tensor, in floats
+  int64_t kv_row, kv_batch;  // strides of the keys' and values' tensor
+  int64_t q_offset, k_offset, v_offset;  // first column of head 0's q, k and v
+
+  Layout(const torch::Tensor& q_source, const torch::Tensor& kv_source, int64_t heads_,
+         bool fused) {
+    batch = q_source.size(0);
+    queries = q_source.size(1);
+    tokens = kv_source.size(1);
+    heads = heads_;
+    const int64_t width = kv_source.size(2) / (fused ? 3 : 2);
+    dim = width / heads;
+    q_row = q_source.size(2);
+    q_batch = queries * q_row;
+    kv_row = kv_source.size(2);
+    kv_batch = tokens * kv_row;
+    q_offset = 0;
+    k_offset = fused ? width : 0;
+    v_offset = k_offset + width;
+  }
+};
+
+void check_source(const torch::Tensor& tensor, const char* name) {
+  TORCH_CHECK(tensor.device().is_cpu() && tensor.scalar_type() == torch::kFloat32 &&
+                  tensor.dim() == 3 && tensor.is_contiguous(),
+              "cpu_attention expects ", name, " as a contiguous float32 CPU tensor (B, N, width), got ",
+              tensor.sizes(), " ", tensor.scalar_type());
 }
 
-}  // namespace
+Layout checked_layout(const torch::Tensor& q_source, const torch::Tensor& kv_source,
+                      int64_t heads, bool fused) {
+  check_source(q_source, "the queries");
+  check_source(kv_source, "the keys and values");
+  const int64_t parts = fused ? 3 : 2;
+  TORCH_CHECK(heads > 0 && kv_source.size(2) % (parts * heads) == 0 &&
+                  q_source.size(0) == kv_source.size(0) &&
+                  (fused ? q_source.is_same(kv_source)
+                         : q_source.size(2) * 2 == kv_source.size(2)),
+              "cpu_attention: queries ", q_source.sizes(), " and keys/values ", kv_source.sizes(),
+              " do not fit ", heads, " heads", fused ? " of one fused projection" : "");
+  return Layout(q_source, kv_source, heads, fused);
+}
 
-// (B, N, 3, H, D) -> output (B, N, H * D), and the attention weights (B, H, N, N) if kept for
-// the backward (an empty tensor otherwise: each thread then reuses one N x N buffer).
-std::vector<torch::Tensor> attention_forward(const torch::Tensor& qkv, double scale,
-                                             bool keep_weights) {
-  check_qkv(qkv);
-  const int64_t batch = qkv.size(0), tokens = qkv.size(1), heads = qkv.size(3), dim = qkv.size(4);
-  auto out = torch::empty({batch, tokens, heads * dim}, qkv.options());
-  auto probs = keep_weights ? torch::empty({batch, heads, tokens, tokens}, qkv.options())
-                            : torch::empty({0}, qkv.options());
-  const float* qkv_data = qkv.data_ptr<float>();
+std::vector<torch::Tensor> forward(const torch::Tensor& q_source, const torch::Tensor& kv_source,
+                                   const Layout& layout, double scale, bool keep_weights) {
+  auto out = torch::empty({layout.batch, layout.queries, layout.heads * layout.dim}, q_source.options());
+  auto probs = keep_weights
+                   ? torch::empty({layout.batch, layout.heads, layout.queries, layout.tokens}, q_source.options())
+                   : torch::empty({0}, q_source.options());
+  const float* q_data = q_source.data_ptr<float>();
+  const float* kv_data = kv_source.data_ptr<float>();
   float* out_data = out.data_ptr<float>();
   float* probs_data = probs.data_ptr<float>();
-  const int n = tokens, d = dim, ld_qkv = 3 * heads * dim, ld_out = heads * dim;
+  const int nq = layout.queries, n = layout.tokens, d = layout.dim, ld_q = layout.q_row, ld_kv = layout.kv_row;
+  const int ld_out = layout.heads * layout.dim;
   const float alpha = static_cast<float>(scale);
-  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(keep_weights ? 0 : tokens * tokens);
+  at::parallel_for(0, layout.batch * layout.heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(keep_weights ? 0 : layout.queries * layout.tokens);
     for (int64_t index = begin; index < end; ++index) {
-      const int64_t b = index / heads, h = index % heads;
-      const float* q = qkv_data + b * tokens * ld_qkv + h * dim;
-      const float* k = q + heads * dim;
-      const float* v = k + heads * dim;
-      float* p = keep_weights ? probs_data + index * tokens * tokens : scratch.data();
-      gemm('N', 'T', n, n, d, alpha, q, ld_qkv, k, ld_qkv, 0.f, p, n);
-      softmax_rows(p, tokens);
-      gemm('N', 'N', n, d, n, 1.f, p, n, v, ld_qkv, 0.f, out_data + b * tokens * ld_out + h * dim,
-           ld_out);
+      const int64_t b = index / layout.heads, h = index % layout.heads;
+      const float* q = q_data + b * layout.q_batch + layout.q_offset + h * layout.dim;
+      const float* k = kv_data + b * layout.kv_batch + layout.k_offset + h * layout.dim;
+      const float* v = kv_data + b * layout.kv_batch + layout.v_offset + h * layout.dim;
+      float* p = keep_weights ? probs_data + index * layout.queries * layout.tokens : scratch.data();
+      gemm('N', 'T', nq, n, d, alpha, q, ld_q, k, ld_kv, 0.f, p, n);
+      softmax_rows(p, layout.queries, layout.tokens);
+      gemm('N', 'N', nq, d, n, 1.f, p, n, v, ld_kv, 0.f,
+           out_data + b * layout.queries * ld_out + h * layout.dim, ld_out);
     }
   });
   return {out, probs};
 }
 
-// The gradient of the (B, N, 3, H, D) input from that of the (B, N, H * D) output.
-torch::Tensor attention_backward(const torch::Tensor& grad_out, const torch::Tensor& qkv,
-                                 const torch::Tensor& probs, double scale) {
-  check_qkv(qkv);
-  const int64_t batch = qkv.size(0), tokens = qkv.size(1), heads = qkv.size(3), dim = qkv.size(4);
-  TORCH_CHECK(probs.is_contiguous() && probs.sizes() == torch::IntArrayRef({batch, heads, tokens, tokens}),
-              "cpu_attention: attention weights of shape ", probs.sizes(), " do not match ", qkv.sizes());
+// Fills grad_q and grad_kv, which have the layouts of q_source and kv_source (the same tensor
+// when the projection is fused).
+void backward(const torch::Tensor& grad_out, const torch::Tensor& q_source,
+              const torch::Tensor& kv_source, const torch::Tensor& probs, const Layout& layout,
+              double scale, torch::Tensor& grad_q, torch::Tensor& grad_kv) {
+  TORCH_CHECK(probs.is_contiguous() &&
+                  probs.sizes() == torch::IntArrayRef({layout.batch, layout.heads, layout.queries, layout.tokens}),
+              "cpu_attention: attention weights of shape ", probs.sizes(), " do not match ",
+              q_source.sizes(), " and ", kv_source.sizes());
   const auto grad = grad_out.contiguous();
-  TORCH_CHECK(grad.scalar_type() == torch::kFloat32 && grad.numel() == batch * tokens * heads * dim,
-              "cpu_attention: output gradient of shape ", grad_out.sizes(), " does not match ", qkv.sizes());
-  auto grad_qkv = torch::empty_like(qkv);
-  const float* qkv_data = qkv.data_ptr<float>();
+  TORCH_CHECK(grad.scalar_type() == torch::kFloat32 &&
+                  grad.numel() == layout.batch * layout.queries * layout.heads * layout.dim,
+              "cpu_attention: output gradient of shape ", grad_out.sizes(), " does not match ",
+              q_source.sizes());
+  const float* q_data = q_source.data_ptr<float>();
+  const float* kv_data = kv_source.data_ptr<float>();
   const float* grad_data = grad.data_ptr<float>();
   const float* probs_data = probs.data_ptr<float>();
-  float* grad_qkv_data = grad_qkv.data_ptr<float>();
-  const int n = tokens, d = dim, ld_qkv = 3 * heads * dim, ld_out = heads * dim;
+  float* grad_q_data = grad_q.data_ptr<float>();
+  float* grad_kv_data = grad_kv.data_ptr<float>();
+  const int nq = layout.queries, n = layout.tokens, d = layout.dim, ld_q = layout.q_row, ld_kv = layout.kv_row;
+  const int ld_out = layout.heads * layout.dim;
   const float alpha = static_cast<float>(scale);
-  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(tokens * tokens);
+  at::parallel_for(0, layout.batch * layout.heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(layout.queries * layout.tokens);
     float* grad_scores = scratch.data();
     for (int64_t index = begin; index < end; ++index) {
-      const int64_t b = index / heads, h = index % heads;
-      const int64_t offset = b * tokens * ld_qkv + h * dim;
-      const float* q = qkv_data + offset;
-      const float* k = q + heads * dim;
-      const float* v = k + heads * dim;
-      float* dq = grad_qkv_data + offset;
-      float* dk = dq + heads * dim;
-      float* dv = dk + heads * dim;
-      const float* dout = grad_data + b * tokens * ld_out + h * dim;
-      const float* p = probs_data + index * tokens * tokens;
-      gemm('T', 'N', n, d, n, 1.f, p, n, dout, ld_out, 0.f, dv, ld_qkv);            // dv = P^T do
-      gemm('N', 'T', n, n, d, 1.f, dout, ld_out, v, ld_qkv, 0.f, grad_scores, n);  // dP = do v^T
-      softmax_backward_rows(p, grad_scores, tokens);                              // dS
-      gemm('N', 'N', n, d, n, alpha, grad_scores, n, k, ld_qkv, 0.f, dq, ld_qkv);  // dq = s dS k
-      gemm('T', 'N', n, d, n, alpha, grad_scores, n, q, ld_qkv, 0.f, dk, ld_qkv);  // dk = s dS^T q
+      const int64_t b = index / layout.heads, h = index % layout.heads;
+      const int64_t q_at = b * layout.q_batch + layout.q_offset + h * layout.dim;
+      const int64_t k_at = b * layout.kv_batch + layout.k_offset + h * layout.dim;
+      const int64_t v_at = b * layout.kv_batch + layout.v_offset + h * layout.dim;
+      const float* q = q_data + q_at;
+      const float* k = kv_data + k_at;
+      const float* v = kv_data + v_at;
+      float* dq = grad_q_data + q_at;
+      float* dk = grad_kv_data + k_at;
+      float* dv = grad_kv_data + v_at;
+      const float* dout = grad_data + b * layout.queries * ld_out + h * layout.dim;
+      const float* p = probs_data + index * layout.queries * layout.tokens;
+      gemm('T', 'N', n, d, nq, 1.f, p, n, dout, ld_out, 0.f, dv, ld_kv);             // dv = P^T do
+      gemm('N', 'T', nq, n, d, 1.f, dout, ld_out, v, ld_kv, 0.f, grad_scores, n);    // dP = do v^T
+      softmax_backward_rows(p, grad_scores, layout.queries, layout.tokens);                 // dS
+      gemm('N', 'N', nq, d, n, alpha, grad_scores, n, k, ld_kv, 0.f, dq, ld_q);      // dq = s dS k
+      gemm('T', 'N', n, d, nq, alpha, grad_scores, n, q, ld_q, 0.f, dk, ld_kv);      // dk = s dS^T q
     }
   });
+}
+
+}  // namespace
+
+// Self-attention of a fused projection (B, N, 3 * H * D) -> output (B, N, H * D), and the
+// attention weights (B, H, N, N) if kept for the backward (an empty tensor otherwise: each
+// thread then reuses one buffer).
+std::vector<torch::Tensor> fused_forward(const torch::Tensor& qkv, int64_t heads, double scale,
+                                         bool keep_weights) {
+  return forward(qkv, qkv, checked_layout(qkv, qkv, heads, true), scale, keep_weights);
+}
+
+// The gradient of the fused projection from that of the output.
+torch::Tensor fused_backward(const torch::Tensor& grad_out, const torch::Tensor& qkv,
+                             const torch::Tensor& probs, int64_t heads, double scale) {
+  const Layout layout = checked_layout(qkv, qkv, heads, true);
+  auto grad_qkv = torch::empty_like(qkv);
+  backward(grad_out, qkv, qkv, probs, layout, scale, grad_qkv, grad_qkv);
   return grad_qkv;
 }
 
+// Queries (B, Nq, H * D) attending over keys and values (B, N, 2 * H * D) -> (B, Nq, H * D),
+// and the weights (B, H, Nq, N) if kept.
+std::vector<torch::Tensor> split_forward(const torch::Tensor& q, const torch::Tensor& kv,
+                                         int64_t heads, double scale, bool keep_weights) {
+  return forward(q, kv, checked_layout(q, kv, heads, false), scale, keep_weights);
+}
+
+// The gradients of the queries' and the keys' and values' projections.
+std::vector<torch::Tensor> split_backward(const torch::Tensor& grad_out, const torch::Tensor& q,
+                                          const torch::Tensor& kv, const torch::Tensor& probs,
+                                          int64_t heads, double scale) {
+  const Layout layout = checked_layout(q, kv, heads, false);
+  auto grad_q = torch::empty_like(q);
+  auto grad_kv = torch::empty_like(kv);
+  backward(grad_out, q, kv, probs, layout, scale, grad_q, grad_kv);
+  return {grad_q, grad_kv};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("forward", &attention_forward,
-             "attention forward: (qkv, scale, keep_weights) -> (out, probs or an empty tensor)");
-  module.def("backward", &attention_backward, "attention backward: (grad_out, qkv, probs, scale) -> grad_qkv");
+  module.def("fused_forward", &fused_forward,
+             "(qkv, heads, scale, keep_weights) -> (out, weights or an empty tensor)");
+  module.def("fused_backward", &fused_backward, "(grad_out, qkv, weights, heads, scale) -> grad_qkv");
+  module.def("split_forward", &split_forward,
+             "(q, kv, heads, scale, keep_weights) -> (out, weights or an empty tensor)");
+  module.def("split_backward", &split_backward,
+             "(grad_out, q, kv, weights, heads, scale) -> (grad_q, grad_kv)");
 }
