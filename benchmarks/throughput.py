@@ -11,6 +11,8 @@ the last block's work on every token but CLS, so it runs fewer for the same logi
 the timers wait for the device, and ``--precision bf16`` runs both models under bf16 autocast
 (the matmul rate is then measured in bf16). Both models share one process, which keeps freed
 memory as ``train.py`` does (``vit.allocator``; ``python -m benchmarks.allocator`` measures it).
+On x86-64 Linux ours attends through its own CPU kernel (``vit.cpu_attention``; FLOPs are
+counted on torch's kernel, the same arithmetic); ``VIT_CPU_ATTENTION=0`` times it without.
 """
 
 from __future__ import annotations

@@ -73,8 +73,9 @@ def test_output_and_gradients_as_exact_as_torchs_attention(
     for our, their, truth in zip(mine, reference, exact):
         our_error = (our - truth).abs().max().item()
         their_error = (their - truth).abs().max().item()
-        assert our_error <= 2 * their_error + 1e-6 * truth.abs().max().item(), (our_error, their_error)
-        assert our_error <= 1e-5 * truth.abs().max().item() + 1e-6
+        scale = truth.abs().max().item()
+        assert our_error <= 2 * their_error + 1e-6 * scale, (our_error, their_error)
+        assert our_error <= 1e-5 * scale + 1e-6
 
 
 def test_without_gradients_the_kernel_still_attends() -> None:
@@ -90,16 +91,21 @@ def test_without_gradients_the_kernel_still_attends() -> None:
 
 
 @pytest.mark.parametrize("cls_only", [False, True])
-def test_the_attention_layer_uses_the_kernel_and_matches_torchs(cls_only: bool, monkeypatch) -> None:
+def test_the_attention_layer_uses_the_kernel_and_matches_torchs(
+    cls_only: bool, monkeypatch
+) -> None:
     torch.manual_seed(0)
     layer = Attention(64, 4).train()
     x = torch.randn(3, 65, 64, requires_grad=True)
     calls = []
     for name in ("attention", "attention_of_queries"):
         kernel = getattr(cpu_attention, name)
-        monkeypatch.setattr(
-            cpu_attention, name, lambda *args, kernel=kernel, name=name: calls.append(name) or kernel(*args)
-        )
+
+        def recording(*args, kernel=kernel, name=name) -> torch.Tensor:
+            calls.append(name)
+            return kernel(*args)
+
+        monkeypatch.setattr(cpu_attention, name, recording)
     ours = layer(x, cls_only=cls_only)
     our_grads = torch.autograd.grad(ours.square().sum(), [x, *layer.parameters()])
     assert calls == ["attention_of_queries" if cls_only else "attention"]
@@ -113,7 +119,8 @@ def test_the_attention_layer_uses_the_kernel_and_matches_torchs(cls_only: bool, 
 
 
 def test_mismatched_inputs_are_refused_with_their_shapes() -> None:
-    with pytest.raises(RuntimeError, match=r"queries \[2, 1, 64\] and keys/values \[2, 9, 100\] do not fit 4 heads"):
+    shapes = r"queries \[2, 1, 64\] and keys/values \[2, 9, 100\] do not fit 4 heads"
+    with pytest.raises(RuntimeError, match=shapes):
         cpu_attention.attention_of_queries(torch.randn(2, 1, 64), torch.randn(2, 9, 100), 4)
 
 
@@ -158,8 +165,9 @@ def test_a_failed_build_warns_and_falls_back(monkeypatch) -> None:
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
     cpu_attention.extension.cache_clear()
     try:
-        with pytest.warns(UserWarning, match=r"could not be built \(RuntimeError: g\+\+: not found\).*"
-                          r"scaled_dot_product_attention.*VIT_CPU_ATTENTION=0"):
+        message = (r"could not be built \(RuntimeError: g\+\+: not found\).*"
+                   r"scaled_dot_product_attention.*VIT_CPU_ATTENTION=0")
+        with pytest.warns(UserWarning, match=message):
             assert cpu_attention.extension() is None
         layer = Attention(32, 2)
         assert layer(torch.randn(2, 9, 32)).shape == (2, 9, 32)
@@ -174,4 +182,5 @@ def test_pips_ninja_is_put_on_the_path_when_none_is_there(monkeypatch) -> None:
     monkeypatch.setattr(cpu_attention.shutil, "which", lambda name: None)
     monkeypatch.setenv("PATH", "/nowhere")
     cpu_attention._put_ninja_on_path()
-    assert cpu_attention.os.environ["PATH"].split(cpu_attention.os.pathsep) == [ninja.BIN_DIR, "/nowhere"]
+    path = cpu_attention.os.environ["PATH"].split(cpu_attention.os.pathsep)
+    assert path == [ninja.BIN_DIR, "/nowhere"]

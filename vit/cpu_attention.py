@@ -1,13 +1,14 @@
-"""Softmax attention for short sequences on the CPU, as one C++ kernel (``vit/csrc/cpu_attention.cpp``).
+"""Softmax attention for short sequences on the CPU: one C++ kernel, ``vit/csrc/cpu_attention.cpp``.
 
 torch's CPU attention kernel (flash attention) recomputes the attention weights in the backward,
 zero-fills its gradients and leaves them to be stacked into the projection's layout. For the
 sequences a ViT on small images has (65 tokens, heads of 16 to 64), this kernel keeps the weights
 instead, reads q, k and v where the fused projection wrote them and writes the output and the
-gradient in the layouts the neighbouring linear layers use: forward and backward of one layer run
-1.5-2.2 times as fast, the whole training step of the ``tiny`` model about 1.13 times
-(``benchmarks/RESULTS.md``, "A kernel of our own for the attention"). The mathematics is the same
-softmax(q k^T / sqrt(d)) v; the model's tests compare it with ``F.scaled_dot_product_attention``.
+gradient in the layouts the neighbouring linear layers use: forward and backward of one layer of
+the ``tiny`` and ``small`` models run 1.7-1.9 times as fast on two cores, the ``tiny`` model's
+whole fp32 training step about 1.1 times (``benchmarks/RESULTS.md``, "A kernel of our own for the
+attention"). The mathematics is the same softmax(q k^T / sqrt(d)) v; the tests compare it, and its
+gradients, with ``F.scaled_dot_product_attention`` against a float64 reference.
 
 The kernel is compiled on first use (about 25 s, then cached by torch under
 ``~/.cache/torch_extensions``) and needs an x86-64 Linux machine with a C++ compiler, and a torch
@@ -30,13 +31,12 @@ from types import ModuleType
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-log = logging.getLogger(__name__)
-
 SOURCE = Path(__file__).with_name("csrc") / "cpu_attention.cpp"
 MAX_TOKENS = 256
 """Longer sequences use torch's kernel: the kept weights grow as tokens squared."""
 
 ENV_SWITCH = "VIT_CPU_ATTENTION"
+NAME = "vit_cpu_attention"
 
 
 def _put_ninja_on_path() -> None:
@@ -49,9 +49,19 @@ def _put_ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+def _built_before() -> bool:
+    """Whether torch's extension cache holds a build of the kernel (then loading is quick)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory  # not public; may move
+
+        return any(Path(_get_build_directory(NAME, verbose=False)).glob(f"{NAME}*.so"))
+    except Exception:
+        return False
+
+
 @functools.cache
 def extension() -> ModuleType | None:
-    """The compiled kernel, built on first call; None where it cannot be built or is switched off."""
+    """The compiled kernel, built on first call; None where it cannot be built or is off."""
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return None
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
@@ -60,12 +70,15 @@ def extension() -> ModuleType | None:
     torch_log = logging.getLogger("torch.utils.cpp_extension")
     level = torch_log.level
     torch_log.setLevel(logging.ERROR)  # it warns on import when a machine has no CUDA runtime
-    log.info("Compiling vit's CPU attention kernel (once per machine, about 25 s)...")
     try:
         from torch.utils.cpp_extension import load
 
+        if not _built_before():
+            print("Compiling vit's CPU attention kernel (once per machine, about 25 s)...",
+                  file=sys.stderr, flush=True)
+
         return load(
-            name="vit_cpu_attention",
+            name=NAME,
             sources=[str(SOURCE)],
             # -ffast-math lets gcc vectorise exp through glibc's vector math library; it is
             # given to the compiler only, so the process's floating-point mode is left alone.
@@ -109,28 +122,30 @@ def usable(projection: torch.Tensor, dropout_p: float) -> bool:
 
 class _FusedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
         out, weights = extension().fused_forward(qkv, heads, scale, True)
         ctx.save_for_backward(qkv, weights)
         ctx.heads, ctx.scale = heads, scale
         return out
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         qkv, weights = ctx.saved_tensors
         return extension().fused_backward(grad_out, qkv, weights, ctx.heads, ctx.scale), None, None
 
 
 class _SplitAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: torch.Tensor, kv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:  # type: ignore[override]
+    def forward(
+        ctx, q: torch.Tensor, kv: torch.Tensor, heads: int, scale: float
+    ) -> torch.Tensor:
         out, weights = extension().split_forward(q, kv, heads, scale, True)
         ctx.save_for_backward(q, kv, weights)
         ctx.heads, ctx.scale = heads, scale
         return out
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
         q, kv, weights = ctx.saved_tensors
         grad_q, grad_kv = extension().split_backward(grad_out, q, kv, weights, ctx.heads, ctx.scale)
         return grad_q, grad_kv, None, None
@@ -144,8 +159,8 @@ def attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v of every head from the fused projection, (B, N, 3 * H * D) ->
     (B, N, H * D), in the head order of timm's ``Attention`` (q, k, v; head by head in each).
 
-    A bfloat16 projection (bf16 autocast) is attended in float32 and returned in bfloat16, as
-    torch's kernel is slow in bfloat16 backward; callers check :func:`usable` first.
+    A bfloat16 projection (bf16 autocast) is attended in float32, the kernel's only precision,
+    and returned in bfloat16. Callers check :func:`usable` first.
     """
     scale = (qkv.shape[-1] // (3 * heads)) ** -0.5
     fused = _as_float(qkv)

@@ -6,9 +6,8 @@
 // computes S = scale q k^T, P = softmax(S) and o = P v, writes o straight into the (B, Nq, H * D)
 // layout the output projection reads, and keeps P (B, H, Nq, N) for the backward. The backward
 // writes dq, dk and dv straight into gradients of the projections' layouts, so nothing is
-// zero-filled, stacked or copied. The matrix
-// products are MKL's sgemm, which libtorch_cpu exports on x86-64; each runs on one thread, the
-// (sample, head) pairs are spread over torch's threads.
+// zero-filled, stacked or copied. The matrix products are MKL's sgemm, which libtorch_cpu exports
+// on x86-64; each runs on one thread, the (sample, head) pairs are spread over torch's threads.
 //
 // torch's flash-attention kernel at these sizes (65 tokens, heads of 16 to 64) recomputes P in
 // the backward and needs its outputs moved between layouts; benchmarks/RESULTS.md has the timings.
@@ -89,8 +88,9 @@ struct Layout {
 void check_source(const torch::Tensor& tensor, const char* name) {
   TORCH_CHECK(tensor.device().is_cpu() && tensor.scalar_type() == torch::kFloat32 &&
                   tensor.dim() == 3 && tensor.is_contiguous(),
-              "cpu_attention expects ", name, " as a contiguous float32 CPU tensor (B, N, width), got ",
-              tensor.sizes(), " ", tensor.scalar_type());
+              "cpu_attention expects ", name,
+              " as a contiguous float32 CPU tensor (B, N, width), got ", tensor.sizes(), " ",
+              tensor.scalar_type());
 }
 
 Layout checked_layout(const torch::Tensor& q_source, const torch::Tensor& kv_source,
@@ -109,29 +109,31 @@ Layout checked_layout(const torch::Tensor& q_source, const torch::Tensor& kv_sou
 
 std::vector<torch::Tensor> forward(const torch::Tensor& q_source, const torch::Tensor& kv_source,
                                    const Layout& layout, double scale, bool keep_weights) {
-  auto out = torch::empty({layout.batch, layout.queries, layout.heads * layout.dim}, q_source.options());
-  auto probs = keep_weights
-                   ? torch::empty({layout.batch, layout.heads, layout.queries, layout.tokens}, q_source.options())
-                   : torch::empty({0}, q_source.options());
+  const int64_t batch = layout.batch, queries = layout.queries, tokens = layout.tokens;
+  const int64_t heads = layout.heads, dim = layout.dim;
+  const auto options = q_source.options();
+  auto out = torch::empty({batch, queries, heads * dim}, options);
+  auto probs = keep_weights ? torch::empty({batch, heads, queries, tokens}, options)
+                            : torch::empty({0}, options);
   const float* q_data = q_source.data_ptr<float>();
   const float* kv_data = kv_source.data_ptr<float>();
   float* out_data = out.data_ptr<float>();
   float* probs_data = probs.data_ptr<float>();
-  const int nq = layout.queries, n = layout.tokens, d = layout.dim, ld_q = layout.q_row, ld_kv = layout.kv_row;
-  const int ld_out = layout.heads * layout.dim;
+  const int nq = queries, n = tokens, d = dim, ld_q = layout.q_row, ld_kv = layout.kv_row;
+  const int ld_out = heads * dim;
   const float alpha = static_cast<float>(scale);
-  at::parallel_for(0, layout.batch * layout.heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(keep_weights ? 0 : layout.queries * layout.tokens);
+  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(keep_weights ? 0 : queries * tokens);
     for (int64_t index = begin; index < end; ++index) {
-      const int64_t b = index / layout.heads, h = index % layout.heads;
-      const float* q = q_data + b * layout.q_batch + layout.q_offset + h * layout.dim;
-      const float* k = kv_data + b * layout.kv_batch + layout.k_offset + h * layout.dim;
-      const float* v = kv_data + b * layout.kv_batch + layout.v_offset + h * layout.dim;
-      float* p = keep_weights ? probs_data + index * layout.queries * layout.tokens : scratch.data();
+      const int64_t b = index / heads, h = index % heads;
+      const float* q = q_data + b * layout.q_batch + layout.q_offset + h * dim;
+      const float* k = kv_data + b * layout.kv_batch + layout.k_offset + h * dim;
+      const float* v = kv_data + b * layout.kv_batch + layout.v_offset + h * dim;
+      float* p = keep_weights ? probs_data + index * queries * tokens : scratch.data();
       gemm('N', 'T', nq, n, d, alpha, q, ld_q, k, ld_kv, 0.f, p, n);
-      softmax_rows(p, layout.queries, layout.tokens);
-      gemm('N', 'N', nq, d, n, 1.f, p, n, v, ld_kv, 0.f,
-           out_data + b * layout.queries * ld_out + h * layout.dim, ld_out);
+      softmax_rows(p, queries, tokens);
+      gemm('N', 'N', nq, d, n, 1.f, p, n, v, ld_kv, 0.f, out_data + b * queries * ld_out + h * dim,
+           ld_out);
     }
   });
   return {out, probs};
@@ -142,13 +144,15 @@ std::vector<torch::Tensor> forward(const torch::Tensor& q_source, const torch::T
 void backward(const torch::Tensor& grad_out, const torch::Tensor& q_source,
               const torch::Tensor& kv_source, const torch::Tensor& probs, const Layout& layout,
               double scale, torch::Tensor& grad_q, torch::Tensor& grad_kv) {
+  const int64_t batch = layout.batch, queries = layout.queries, tokens = layout.tokens;
+  const int64_t heads = layout.heads, dim = layout.dim;
   TORCH_CHECK(probs.is_contiguous() &&
-                  probs.sizes() == torch::IntArrayRef({layout.batch, layout.heads, layout.queries, layout.tokens}),
+                  probs.sizes() == torch::IntArrayRef({batch, heads, queries, tokens}),
               "cpu_attention: attention weights of shape ", probs.sizes(), " do not match ",
               q_source.sizes(), " and ", kv_source.sizes());
   const auto grad = grad_out.contiguous();
   TORCH_CHECK(grad.scalar_type() == torch::kFloat32 &&
-                  grad.numel() == layout.batch * layout.queries * layout.heads * layout.dim,
+                  grad.numel() == batch * queries * heads * dim,
               "cpu_attention: output gradient of shape ", grad_out.sizes(), " does not match ",
               q_source.sizes());
   const float* q_data = q_source.data_ptr<float>();
@@ -157,30 +161,30 @@ void backward(const torch::Tensor& grad_out, const torch::Tensor& q_source,
   const float* probs_data = probs.data_ptr<float>();
   float* grad_q_data = grad_q.data_ptr<float>();
   float* grad_kv_data = grad_kv.data_ptr<float>();
-  const int nq = layout.queries, n = layout.tokens, d = layout.dim, ld_q = layout.q_row, ld_kv = layout.kv_row;
-  const int ld_out = layout.heads * layout.dim;
+  const int nq = queries, n = tokens, d = dim, ld_q = layout.q_row, ld_kv = layout.kv_row;
+  const int ld_out = heads * dim;
   const float alpha = static_cast<float>(scale);
-  at::parallel_for(0, layout.batch * layout.heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(layout.queries * layout.tokens);
+  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(queries * tokens);
     float* grad_scores = scratch.data();
     for (int64_t index = begin; index < end; ++index) {
-      const int64_t b = index / layout.heads, h = index % layout.heads;
-      const int64_t q_at = b * layout.q_batch + layout.q_offset + h * layout.dim;
-      const int64_t k_at = b * layout.kv_batch + layout.k_offset + h * layout.dim;
-      const int64_t v_at = b * layout.kv_batch + layout.v_offset + h * layout.dim;
+      const int64_t b = index / heads, h = index % heads;
+      const int64_t q_at = b * layout.q_batch + layout.q_offset + h * dim;
+      const int64_t k_at = b * layout.kv_batch + layout.k_offset + h * dim;
+      const int64_t v_at = b * layout.kv_batch + layout.v_offset + h * dim;
       const float* q = q_data + q_at;
       const float* k = kv_data + k_at;
       const float* v = kv_data + v_at;
       float* dq = grad_q_data + q_at;
       float* dk = grad_kv_data + k_at;
       float* dv = grad_kv_data + v_at;
-      const float* dout = grad_data + b * layout.queries * ld_out + h * layout.dim;
-      const float* p = probs_data + index * layout.queries * layout.tokens;
-      gemm('T', 'N', n, d, nq, 1.f, p, n, dout, ld_out, 0.f, dv, ld_kv);             // dv = P^T do
-      gemm('N', 'T', nq, n, d, 1.f, dout, ld_out, v, ld_kv, 0.f, grad_scores, n);    // dP = do v^T
-      softmax_backward_rows(p, grad_scores, layout.queries, layout.tokens);                 // dS
-      gemm('N', 'N', nq, d, n, alpha, grad_scores, n, k, ld_kv, 0.f, dq, ld_q);      // dq = s dS k
-      gemm('T', 'N', n, d, nq, alpha, grad_scores, n, q, ld_q, 0.f, dk, ld_kv);      // dk = s dS^T q
+      const float* dout = grad_data + b * queries * ld_out + h * dim;
+      const float* p = probs_data + index * queries * tokens;
+      gemm('T', 'N', n, d, nq, 1.f, p, n, dout, ld_out, 0.f, dv, ld_kv);           // dv = P^T do
+      gemm('N', 'T', nq, n, d, 1.f, dout, ld_out, v, ld_kv, 0.f, grad_scores, n);  // dP = do v^T
+      softmax_backward_rows(p, grad_scores, queries, tokens);                     // dS
+      gemm('N', 'N', nq, d, n, alpha, grad_scores, n, k, ld_kv, 0.f, dq, ld_q);    // dq = s dS k
+      gemm('T', 'N', n, d, nq, alpha, grad_scores, n, q, ld_q, 0.f, dk, ld_kv);    // dk = s dS^T q
     }
   });
 }
@@ -225,7 +229,8 @@ std::vector<torch::Tensor> split_backward(const torch::Tensor& grad_out, const t
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("fused_forward", &fused_forward,
              "(qkv, heads, scale, keep_weights) -> (out, weights or an empty tensor)");
-  module.def("fused_backward", &fused_backward, "(grad_out, qkv, weights, heads, scale) -> grad_qkv");
+  module.def("fused_backward", &fused_backward,
+             "(grad_out, qkv, weights, heads, scale) -> grad_qkv");
   module.def("split_forward", &split_forward,
              "(q, kv, heads, scale, keep_weights) -> (out, weights or an empty tensor)");
   module.def("split_backward", &split_backward,
