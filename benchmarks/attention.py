@@ -41,6 +41,12 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
     return batch, tokens, heads, width
 
 
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of at least 1")
+    return int(text)
+
+
 def torch_path(projected: torch.Tensor, heads: int) -> torch.Tensor:
     """What ``Attention`` does around torch's kernel: split heads, attend, merge heads."""
     b, n, _ = projected.shape
@@ -72,8 +78,8 @@ def main() -> None:
                         default=[parse_shape("128x65x4x32"), parse_shape("128x65x12x16")],
                         help="BATCHxTOKENSxHEADSxWIDTH; the defaults are the tiny and small "
                              "models' layers at batch 128 on 32x32 images")
-    parser.add_argument("--steps", type=int, default=10, help="calls per timed repeat")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--steps", type=positive, default=10, help="calls per timed repeat")
+    parser.add_argument("--repeats", type=positive, default=7)
     args = parser.parse_args()
     if cpu_attention.extension() is None:
         parser.error("vit's CPU attention kernel is not available here (x86-64 Linux with a C++ "
