@@ -15,13 +15,11 @@ calls of each in turn; the medians, in ms, and their ratio are printed, for the 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.precision import median_ms
 from vit import cpu_attention
 from vit.allocator import keep_freed_memory
 
@@ -56,20 +54,6 @@ def torch_path(projected: torch.Tensor, heads: int) -> torch.Tensor:
 
 def our_path(projected: torch.Tensor, heads: int) -> torch.Tensor:
     return cpu_attention.attention(projected, heads)
-
-
-def median_ms(calls: dict[str, Callable[[], None]], steps: int, repeats: int) -> dict[str, float]:
-    for call in calls.values():
-        for _ in range(2):
-            call()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            for _ in range(steps):
-                call()
-            times[name].append((time.perf_counter() - start) / steps * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:

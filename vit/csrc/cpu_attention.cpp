@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <vector>
 
@@ -83,6 +84,14 @@ struct Layout {
     k_offset = fused ? width : 0;
     v_offset = k_offset + width;
   }
+
+  // Where the index-th (sample, head) pair's q, k and v start, in floats from their tensors'
+  // starts, and where its output starts in the (B, Nq, H * D) output.
+  std::array<int64_t, 4> starts(int64_t index) const {
+    const int64_t b = index / heads, h = index % heads;
+    return {b * q_batch + q_offset + h * dim, b * kv_batch + k_offset + h * dim,
+            b * kv_batch + v_offset + h * dim, (b * queries * heads + h) * dim};
+  }
 };
 
 void check_source(const torch::Tensor& tensor, const char* name) {
@@ -125,15 +134,11 @@ std::vector<torch::Tensor> forward(const torch::Tensor& q_source, const torch::T
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(keep_weights ? 0 : queries * tokens);
     for (int64_t index = begin; index < end; ++index) {
-      const int64_t b = index / heads, h = index % heads;
-      const float* q = q_data + b * layout.q_batch + layout.q_offset + h * dim;
-      const float* k = kv_data + b * layout.kv_batch + layout.k_offset + h * dim;
-      const float* v = kv_data + b * layout.kv_batch + layout.v_offset + h * dim;
+      const auto [q_at, k_at, v_at, out_at] = layout.starts(index);
       float* p = keep_weights ? probs_data + index * queries * tokens : scratch.data();
-      gemm('N', 'T', nq, n, d, alpha, q, ld_q, k, ld_kv, 0.f, p, n);
+      gemm('N', 'T', nq, n, d, alpha, q_data + q_at, ld_q, kv_data + k_at, ld_kv, 0.f, p, n);
       softmax_rows(p, queries, tokens);
-      gemm('N', 'N', nq, d, n, 1.f, p, n, v, ld_kv, 0.f, out_data + b * queries * ld_out + h * dim,
-           ld_out);
+      gemm('N', 'N', nq, d, n, 1.f, p, n, kv_data + v_at, ld_kv, 0.f, out_data + out_at, ld_out);
     }
   });
   return {out, probs};
@@ -168,17 +173,14 @@ void backward(const torch::Tensor& grad_out, const torch::Tensor& q_source,
     std::vector<float> scratch(queries * tokens);
     float* grad_scores = scratch.data();
     for (int64_t index = begin; index < end; ++index) {
-      const int64_t b = index / heads, h = index % heads;
-      const int64_t q_at = b * layout.q_batch + layout.q_offset + h * dim;
-      const int64_t k_at = b * layout.kv_batch + layout.k_offset + h * dim;
-      const int64_t v_at = b * layout.kv_batch + layout.v_offset + h * dim;
+      const auto [q_at, k_at, v_at, out_at] = layout.starts(index);
       const float* q = q_data + q_at;
       const float* k = kv_data + k_at;
       const float* v = kv_data + v_at;
       float* dq = grad_q_data + q_at;
       float* dk = grad_kv_data + k_at;
       float* dv = grad_kv_data + v_at;
-      const float* dout = grad_data + b * queries * ld_out + h * dim;
+      const float* dout = grad_data + out_at;
       const float* p = probs_data + index * queries * tokens;
       gemm('T', 'N', n, d, nq, 1.f, p, n, dout, ld_out, 0.f, dv, ld_kv);           // dv = P^T do
       gemm('N', 'T', nq, n, d, 1.f, dout, ld_out, v, ld_kv, 0.f, grad_scores, n);  // dP = do v^T
