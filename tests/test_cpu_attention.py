@@ -122,6 +122,8 @@ def test_mismatched_inputs_are_refused_with_their_shapes() -> None:
     shapes = r"queries \[2, 1, 64\] and keys/values \[2, 9, 100\] do not fit 4 heads"
     with pytest.raises(RuntimeError, match=shapes):
         cpu_attention.attention_of_queries(torch.randn(2, 1, 64), torch.randn(2, 9, 100), 4)
+    with pytest.raises(RuntimeError, match=r"keys/values \[2, 0, 128\] do not fit"):
+        cpu_attention.attention_of_queries(torch.randn(2, 1, 64), torch.randn(2, 0, 128), 4)
 
 
 @pytest.mark.parametrize(

@@ -107,7 +107,7 @@ Layout checked_layout(const torch::Tensor& q_source, const torch::Tensor& kv_sou
   check_source(q_source, "the queries");
   check_source(kv_source, "the keys and values");
   const int64_t parts = fused ? 3 : 2;
-  TORCH_CHECK(heads > 0 && kv_source.size(2) % (parts * heads) == 0 &&
+  TORCH_CHECK(heads > 0 && kv_source.size(1) > 0 && kv_source.size(2) % (parts * heads) == 0 &&
                   q_source.size(0) == kv_source.size(0) &&
                   (fused ? q_source.is_same(kv_source)
                          : q_source.size(2) * 2 == kv_source.size(2)),
