@@ -14,7 +14,6 @@ takes. The medians over rounds of each and their ratio are printed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import resource
 import statistics
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 import yaml
 
 from benchmarks.optimizer_step import build
+from benchmarks.precision import autocast
 from vit.allocator import is_glibc, keep_freed_memory
 
 
@@ -40,7 +40,7 @@ def time_steps(args: argparse.Namespace, model_options: dict) -> dict[str, float
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+        with autocast(bf16):
             loss = F.cross_entropy(model(images), labels)
         loss.backward()
         optimizer.step()
