@@ -11,8 +11,9 @@ the last block's work on every token but CLS, so it runs fewer for the same logi
 the timers wait for the device, and ``--precision bf16`` runs both models under bf16 autocast
 (the matmul rate is then measured in bf16). Both models share one process, which keeps freed
 memory as ``train.py`` does (``vit.allocator``; ``python -m benchmarks.allocator`` measures it).
-On x86-64 Linux ours attends through its own CPU kernel (``vit.cpu_attention``; FLOPs are
-counted on torch's kernel, the same arithmetic); ``VIT_CPU_ATTENTION=0`` times it without.
+On x86-64 Linux ours attends through its own CPU kernel (``vit.cpu_attention``) and runs its
+linear layers through oneDNN (``vit.cpu_linear``); FLOPs are counted on torch's operators, the
+same arithmetic. ``VIT_CPU_ATTENTION=0`` and ``VIT_CPU_LINEAR=0`` time it without either.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.flop_counter import FlopCounterMode
 
+from vit import cpu_linear
 from vit.allocator import keep_freed_memory
 from vit.model import ImageClassifier, encoder_config
 
@@ -57,21 +59,26 @@ def matmul_gflops(
 ) -> float:
     """This machine's matrix-multiply rate in ``dtype``: the ceiling for a transformer step.
 
-    The best of ``rounds`` timings of ``repeats`` products: a ceiling, so a round slowed by
-    another process on the machine does not lower it.
+    The best of ``rounds`` timings of ``repeats`` products, through torch's ``@`` and, on a CPU
+    where ``vit.cpu_linear`` applies, through oneDNN as well (the faster of the two libraries
+    sets the ceiling): a ceiling, so a round slowed by another process does not lower it.
     """
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
+    products = [lambda: a @ b]
+    if cpu_linear.usable(a, b):
+        products.append(lambda: cpu_linear.linear(a, b))
     rates = []
-    for _ in range(rounds):
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            a @ b
-        synchronize(device)
-        rates.append(2 * size**3 * repeats / (time.perf_counter() - start) / 1e9)
+    for product in products:
+        for _ in range(3):
+            product()
+        for _ in range(rounds):
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(repeats):
+                product()
+            synchronize(device)
+            rates.append(2 * size**3 * repeats / (time.perf_counter() - start) / 1e9)
     return max(rates)
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from vit import cpu_attention
+from vit import cpu_attention, cpu_linear
 
 
 def _noisy_identity_factors(dim: int, alpha: float, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,9 +56,9 @@ class Attention(nn.Module):
             )
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = cpu_linear.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
+        self.proj = cpu_linear.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     @torch.no_grad()
@@ -121,8 +121,8 @@ class Attention(nn.Module):
         if cls_only:  # rows [0, D) of the fused weight make queries, [D, 3D) keys and values
             dim = x.shape[-1]
             bias = self.qkv.bias
-            q = F.linear(x[:, :1], self.qkv.weight[:dim], None if bias is None else bias[:dim])
-            kv = F.linear(x, self.qkv.weight[dim:], None if bias is None else bias[dim:])
+            q = cpu_linear.linear(x[:, :1], self.qkv.weight[:dim], None if bias is None else bias[:dim])
+            kv = cpu_linear.linear(x, self.qkv.weight[dim:], None if bias is None else bias[dim:])
             if padding_mask is None and cpu_attention.usable(kv, dropout_p):
                 out = cpu_attention.attention_of_queries(q, kv, self.num_heads)
                 return self.proj_drop(self.proj(out))

@@ -1,0 +1,126 @@
+"""Linear layers through oneDNN compute x W^T + b and its gradients as F.linear does, and fall
+back to F.linear wherever oneDNN's operator does not apply."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from vit import cpu_linear
+from vit.attention import Attention
+from vit.encoder import Block
+
+pytestmark = pytest.mark.skipif(
+    not cpu_linear.available(), reason="needs an x86-64 CPU and a torch built with oneDNN"
+)
+
+
+def output_and_gradients(
+    function, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    grad_out: torch.Tensor,
+) -> list[torch.Tensor]:
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias) if t is not None]
+    out = function(*leaves, *([None] if bias is None else []))
+    return [out.double(), *(g.double() for g in torch.autograd.grad(out, leaves, grad_out.to(out.dtype)))]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(4, 65, 48), (130, 32), (3, 1, 24)])
+def test_output_and_gradients_as_exact_as_torchs_linear(shape: tuple[int, ...], bias: bool) -> None:
+    """Both against float64: the same function, rounded in a different order."""
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    weight, b = torch.randn(40, shape[-1]), torch.randn(40) if bias else None
+    grad_out = torch.randn(*shape[:-1], 40)
+    exact = output_and_gradients(F.linear, x.double(), weight.double(),
+                                 None if b is None else b.double(), grad_out)
+    ours = output_and_gradients(cpu_linear._OneDnnLinear.apply, x, weight, b, grad_out)
+    theirs = output_and_gradients(F.linear, x, weight, b, grad_out)
+    assert len(ours) == (4 if bias else 3)
+    for our, their, truth in zip(ours, theirs, exact):
+        assert our.shape == truth.shape
+        our_error = (our - truth).abs().max().item()
+        their_error = (their - truth).abs().max().item()
+        scale = truth.abs().max().item()
+        assert our_error <= 2 * their_error + 1e-6 * scale, (our_error, their_error)
+
+
+def test_a_strided_input_and_only_some_gradients() -> None:
+    """The CLS-only block feeds the first token's slice, and frozen weights need no gradient."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 9, 16, requires_grad=True)
+    weight, bias = torch.randn(8, 16), torch.randn(8, requires_grad=True)
+    out = cpu_linear.linear(x[:, :1], weight, bias)
+    grad_x, grad_bias = torch.autograd.grad(out.square().sum(), [x, bias])
+    expected = F.linear(x[:, :1], weight, bias)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(
+        grad_x, torch.autograd.grad(expected.square().sum(), x)[0], atol=1e-5, rtol=1e-5
+    )
+    assert grad_x[:, 1:].abs().max() == 0 and grad_bias.shape == (8,)
+
+
+def test_blocks_run_their_four_products_through_onednn(monkeypatch) -> None:
+    calls = []
+    product = cpu_linear._onednn_product
+
+    def recording(x, weight, bias):
+        calls.append(tuple(weight.shape))
+        return product(x, weight, bias)
+
+    monkeypatch.setattr(cpu_linear, "_onednn_product", recording)
+    block = Block(32, 2, mlp_ratio=2.0)
+    block(torch.randn(2, 9, 32)).sum().backward()
+    forward = [(96, 32), (32, 32), (64, 32), (32, 64)]  # q/k/v, projection, MLP in and out
+    assert calls[:4] == forward
+    assert sorted(calls[4:]) == sorted((w[1], w[0]) for w in forward)  # the inputs' gradients
+
+
+@pytest.mark.parametrize("case", ["autocast", "float64", "flop counter", "switched off"])
+def test_torchs_linear_where_onednn_does_not_apply(case: str, monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(cpu_linear._OneDnnLinear, "apply", lambda *args: calls.append(1))
+    layer = Attention(32, 2)
+    x = torch.randn(2, 9, 32)
+    if case == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
+        assert out.dtype == torch.bfloat16
+    elif case == "float64":
+        out = layer.double()(x.double())
+    elif case == "flop counter":
+        with FlopCounterMode(display=False) as counter:
+            out = layer(x)
+        assert counter.get_total_flops() >= 2 * 2 * 9 * 32 * (96 + 32)  # q/k/v and projection
+    else:
+        monkeypatch.setenv(cpu_linear.ENV_SWITCH, "0")
+        cpu_linear.available.cache_clear()
+        try:
+            out = layer(x)
+        finally:
+            monkeypatch.undo()
+            cpu_linear.available.cache_clear()
+    assert out.shape == (2, 9, 32) and calls == []
+
+
+def test_the_benchmark_prints_both_paths_and_their_ratio() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.linear", "--shapes", "40x8x12", "--steps", "1",
+         "--repeats", "1"],
+        capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| 40 x")]
+    assert [row[1].strip() for row in rows] == ["forward", "forward + backward"]
+    assert all(float(cell) > 0 for row in rows for cell in row[2:])
+    refused = subprocess.run(
+        [sys.executable, "-m", "benchmarks.linear", "--shapes", "40x8"],
+        capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=120,
+    )
+    assert refused.returncode == 2 and "give a shape as ROWSxINxOUT" in refused.stderr

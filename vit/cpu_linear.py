@@ -1,0 +1,103 @@
+"""Linear layers on x86-64 CPUs through oneDNN's matrix multiply, the input gradient included.
+
+torch runs ``F.linear`` in float32 on the CPU through MKL's sgemm, and on AMD processors MKL
+takes a slower path than oneDNN (torch's other CPU matrix library, which dispatches by
+instruction set alone): at the shapes of the ``small`` model's layers (8,320 token rows,
+widths 192 to 576) on a two-core AMD EPYC, oneDNN's product runs 1.1-1.35 times as fast as
+MKL's for the output and for the gradient of the input, and it adds the bias inside the
+product instead of copying it into the output first; the weights' gradient stays with MKL,
+faster there (``benchmarks/RESULTS.md``, "Linear layers through oneDNN"). The arithmetic is
+the same x W^T + b in float32; the two libraries differ only in rounding.
+
+Used for float32 on the CPU outside autocast, where torch has oneDNN's linear operator (the
+pip wheels for x86-64 do); elsewhere, while torch compiles, traces or exports the model, under
+a tensor dispatch mode such as ``FlopCounterMode``, or with ``VIT_CPU_LINEAR=0``, layers run
+``F.linear`` as before.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+ENV_SWITCH = "VIT_CPU_LINEAR"
+
+
+@functools.cache
+def available() -> bool:
+    """Whether this torch has oneDNN's linear operator on an x86-64 CPU, and it is not off."""
+    return (
+        os.environ.get(ENV_SWITCH, "1") != "0"
+        and platform.machine() in ("x86_64", "AMD64")
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``x @ weight.T`` can run through oneDNN: float32 CPU tensors outside autocast,
+    eager mode, no tensor dispatch mode watching."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and x.dim() >= 2
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and not torch.jit.is_scripting()
+        and not torch.onnx.is_in_onnx_export()
+        and _get_current_dispatch_mode() is None
+        and available()
+    )
+
+
+def _onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias through oneDNN, for x of any leading shape."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _OneDnnLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        x = x.contiguous()
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_product(x, weight, bias)
+
+    @staticmethod
+    def backward(
+        ctx, grad_out: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        x, weight = ctx.saved_tensors
+        rows = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _onednn_product(rows, weight.t(), None).view(x.shape)
+        if ctx.needs_input_grad[1]:
+            grad_weight = rows.t() @ x.reshape(-1, x.shape[-1])  # MKL: the faster one here
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = rows.sum(0)
+        return grad_x, grad_weight, grad_bias
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, through oneDNN where :func:`usable`."""
+    if usable(x, weight):
+        return _OneDnnLinear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state dict) whose product runs through :func:`linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
