@@ -1,4 +1,4 @@
-"""One linear layer on the CPU: ``vit.cpu_linear`` (oneDNN) against ``F.linear`` (MKL), same inputs.
+"""One linear layer on the CPU: oneDNN (``vit.cpu_linear``) against ``F.linear`` (MKL), same inputs.
 
     python -m benchmarks.linear
     python -m benchmarks.linear --shapes 8320x192x576 --repeats 9
@@ -6,9 +6,11 @@
 For each (rows x in x out) shape, both compute x W^T + b from float32 x (rows, in); forward
 and backward also make the gradients of x, W and b. Each repeat times ``--steps`` calls of
 each in turn; the medians, in ms, and their ratio are printed, for the forward alone (no
-gradient) and for forward and backward. The defaults are the four layers of a block of the
-``small`` model (q/k/v, output projection, MLP in and out) at batch 128 on 32x32 images
-(65 tokens a sample). Freed memory is kept for both, as in ``train.py``.
+gradient) and for forward and backward, and whether the model's layers take oneDNN's path at
+that size (``vit.cpu_linear.MIN_ROWS``). The defaults are the four layers of a block of the
+``small`` model (q/k/v, output projection, MLP in and out) at batch 128 on 32x32 images (65
+tokens a sample) and the recipe's ``tiny`` MLP at batch 32. Freed memory is kept for both, as
+in ``train.py``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from benchmarks.precision import median_ms
 from vit import cpu_linear
 from vit.allocator import keep_freed_memory
 
-SMALL_BLOCK = ["8320x192x576", "8320x192x192", "8320x192x384", "8320x384x192"]
+DEFAULT_SHAPES = ["8320x192x576", "8320x192x192", "8320x192x384", "8320x384x192", "2080x128x256"]
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -42,8 +44,9 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", type=parse_shape,
-                        default=[parse_shape(shape) for shape in SMALL_BLOCK],
-                        help="ROWSxINxOUT; the defaults are a block of the small model at batch 128")
+                        default=[parse_shape(shape) for shape in DEFAULT_SHAPES],
+                        help="ROWSxINxOUT; the defaults are a block of the small model at batch "
+                             "128 and the tiny recipe's first MLP layer at batch 32")
     parser.add_argument("--steps", type=positive, default=10, help="calls per timed repeat")
     parser.add_argument("--repeats", type=positive, default=7)
     args = parser.parse_args()
@@ -55,14 +58,16 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, median of "
           f"{args.repeats} interleaved repeats of {args.steps} calls")
-    print("| shape (rows x in x out) | pass | torch ms | ours ms | torch / ours |")
-    print("|---|---|---|---|---|")
+    print("| shape (rows x in x out) | pass | torch (MKL) ms | oneDNN ms | MKL / oneDNN | the model "
+          "uses |")
+    print("|---|---|---|---|---|---|")
     for rows, features_in, features_out in args.shapes:
         x = torch.randn(rows, features_in, requires_grad=True)
         weight = torch.randn(features_out, features_in, requires_grad=True)
         bias = torch.randn(features_out, requires_grad=True)
         grad = torch.randn(rows, features_out)
-        paths = {"torch": F.linear, "ours": cpu_linear.linear}
+        paths = {"torch": F.linear, "ours": cpu_linear.onednn_linear}
+        used = "oneDNN" if cpu_linear.usable(x, weight) else "MKL"
         with torch.no_grad():
             forward = median_ms({n: lambda p=p: p(x, weight, bias) for n, p in paths.items()},
                                 args.steps, args.repeats)
@@ -73,7 +78,7 @@ def main() -> None:
         shape = f"{rows} x {features_in} x {features_out}"
         for name, ms in (("forward", forward), ("forward + backward", both)):
             print(f"| {shape} | {name} | {ms['torch']:.2f} | {ms['ours']:.2f} | "
-                  f"{ms['torch'] / ms['ours']:.2f} |")
+                  f"{ms['torch'] / ms['ours']:.2f} | {used} |")
 
 
 if __name__ == "__main__":

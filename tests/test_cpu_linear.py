@@ -40,7 +40,7 @@ def test_output_and_gradients_as_exact_as_torchs_linear(shape: tuple[int, ...], 
     grad_out = torch.randn(*shape[:-1], 40)
     exact = output_and_gradients(F.linear, x.double(), weight.double(),
                                  None if b is None else b.double(), grad_out)
-    ours = output_and_gradients(cpu_linear._OneDnnLinear.apply, x, weight, b, grad_out)
+    ours = output_and_gradients(cpu_linear.onednn_linear, x, weight, b, grad_out)
     theirs = output_and_gradients(F.linear, x, weight, b, grad_out)
     assert len(ours) == (4 if bias else 3)
     for our, their, truth in zip(ours, theirs, exact):
@@ -56,7 +56,7 @@ def test_a_strided_input_and_only_some_gradients() -> None:
     torch.manual_seed(0)
     x = torch.randn(3, 9, 16, requires_grad=True)
     weight, bias = torch.randn(8, 16), torch.randn(8, requires_grad=True)
-    out = cpu_linear.linear(x[:, :1], weight, bias)
+    out = cpu_linear.onednn_linear(x[:, :1], weight, bias)
     grad_x, grad_bias = torch.autograd.grad(out.square().sum(), [x, bias])
     expected = F.linear(x[:, :1], weight, bias)
     torch.testing.assert_close(out, expected)
@@ -75,6 +75,7 @@ def test_blocks_run_their_four_products_through_onednn(monkeypatch) -> None:
         return product(x, weight, bias)
 
     monkeypatch.setattr(cpu_linear, "_onednn_product", recording)
+    monkeypatch.setattr(cpu_linear, "MIN_ROWS", 18)
     block = Block(32, 2, mlp_ratio=2.0)
     block(torch.randn(2, 9, 32)).sum().backward()
     forward = [(96, 32), (32, 32), (64, 32), (32, 64)]  # q/k/v, projection, MLP in and out
@@ -82,13 +83,21 @@ def test_blocks_run_their_four_products_through_onednn(monkeypatch) -> None:
     assert sorted(calls[4:]) == sorted((w[1], w[0]) for w in forward)  # the inputs' gradients
 
 
-@pytest.mark.parametrize("case", ["autocast", "float64", "flop counter", "switched off"])
+@pytest.mark.parametrize(
+    "case", ["too few rows", "autocast", "float64", "flop counter", "switched off"]
+)
 def test_torchs_linear_where_onednn_does_not_apply(case: str, monkeypatch) -> None:
     calls = []
-    monkeypatch.setattr(cpu_linear._OneDnnLinear, "apply", lambda *args: calls.append(1))
+    monkeypatch.setattr(cpu_linear, "onednn_linear", lambda *args: calls.append(1))
+    if case != "too few rows":
+        monkeypatch.setattr(cpu_linear, "MIN_ROWS", 18)  # every other case would use oneDNN
     layer = Attention(32, 2)
     x = torch.randn(2, 9, 32)
-    if case == "autocast":
+    if case == "too few rows":
+        assert not cpu_linear.usable(x, layer.qkv.weight)
+        out = layer(x)
+        assert cpu_linear.usable(torch.randn(cpu_linear.MIN_ROWS, 32), layer.qkv.weight)
+    elif case == "autocast":
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = layer(x)
         assert out.dtype == torch.bfloat16
@@ -104,7 +113,7 @@ def test_torchs_linear_where_onednn_does_not_apply(case: str, monkeypatch) -> No
         try:
             out = layer(x)
         finally:
-            monkeypatch.undo()
+            monkeypatch.delenv(cpu_linear.ENV_SWITCH)
             cpu_linear.available.cache_clear()
     assert out.shape == (2, 9, 32) and calls == []
 
@@ -118,7 +127,8 @@ def test_the_benchmark_prints_both_paths_and_their_ratio() -> None:
     assert done.returncode == 0, done.stderr
     rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| 40 x")]
     assert [row[1].strip() for row in rows] == ["forward", "forward + backward"]
-    assert all(float(cell) > 0 for row in rows for cell in row[2:])
+    assert all(float(cell) > 0 for row in rows for cell in row[2:5])
+    assert all(row[5].strip() == "MKL" for row in rows)  # 40 rows: the model keeps F.linear
     refused = subprocess.run(
         [sys.executable, "-m", "benchmarks.linear", "--shapes", "40x8"],
         capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=120,

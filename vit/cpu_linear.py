@@ -1,13 +1,14 @@
 """Linear layers on x86-64 CPUs through oneDNN's matrix multiply, the input gradient included.
 
-torch runs ``F.linear`` in float32 on the CPU through MKL's sgemm, and on AMD processors MKL
-takes a slower path than oneDNN (torch's other CPU matrix library, which dispatches by
-instruction set alone): at the shapes of the ``small`` model's layers (8,320 token rows,
-widths 192 to 576) on a two-core AMD EPYC, oneDNN's product runs 1.1-1.35 times as fast as
-MKL's for the output and for the gradient of the input, and it adds the bias inside the
-product instead of copying it into the output first; the weights' gradient stays with MKL,
-faster there (``benchmarks/RESULTS.md``, "Linear layers through oneDNN"). The arithmetic is
-the same x W^T + b in float32; the two libraries differ only in rounding.
+torch runs ``F.linear`` in float32 on the CPU through MKL's sgemm, which first copies the bias
+into the output and then adds the product to it. For inputs of many rows (a batch of 128 images
+of 65 tokens: 8,320) oneDNN, torch's other CPU matrix library, adds the bias inside the product,
+and its products for the output and for the gradient of the input ran faster than MKL's on a
+two-core AMD EPYC: the whole fp32 training step of the ``small`` model went from 1.18-1.19 to
+1.29-1.32 times timm's. Below 8,192 rows MKL was the faster there (a batch of 32: 0.70-0.91
+times in the forward), so those stay with ``F.linear``; so does the weights' gradient, faster
+with MKL at every size measured (``benchmarks/RESULTS.md``, "Linear layers through oneDNN").
+The arithmetic is the same x W^T + b in float32; the two libraries differ only in rounding.
 
 Used for float32 on the CPU outside autocast, where torch has oneDNN's linear operator (the
 pip wheels for x86-64 do); elsewhere, while torch compiles, traces or exports the model, under
@@ -27,6 +28,8 @@ from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 ENV_SWITCH = "VIT_CPU_LINEAR"
+MIN_ROWS = 8192
+"""Inputs of fewer rows (all dimensions but the last) run through ``F.linear``: MKL's is faster."""
 
 
 @functools.cache
@@ -41,13 +44,14 @@ def available() -> bool:
 
 
 def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``x @ weight.T`` can run through oneDNN: float32 CPU tensors outside autocast,
-    eager mode, no tensor dispatch mode watching."""
+    """Whether ``x @ weight.T`` runs through oneDNN: float32 CPU tensors of at least
+    :data:`MIN_ROWS` rows outside autocast, eager mode, no tensor dispatch mode watching."""
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and x.dim() >= 2
+        and x.numel() >= MIN_ROWS * max(x.shape[-1], 1)
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
@@ -89,10 +93,18 @@ class _OneDnnLinear(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias
 
 
+def onednn_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` through oneDNN at any size, with its gradients; callers check
+    :func:`available` (or :func:`usable`, which also applies the size limit) first."""
+    return _OneDnnLinear.apply(x, weight, bias)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, through oneDNN where :func:`usable`."""
     if usable(x, weight):
-        return _OneDnnLinear.apply(x, weight, bias)
+        return onednn_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
