@@ -6,7 +6,7 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from vit import cpu_attention
+from vit import cpu_attention, cpu_linear
 from vit.attention import Attention
 from vit.embed import resample_pos_embed
 from vit.model import VARIANTS, EncoderConfig, ImageClassifier, encoder_config
@@ -21,8 +21,21 @@ def timm_twin(image_size: int, patch_size: int, num_classes: int, cfg: EncoderCo
     ).eval()
 
 
+def products_through(library: str, monkeypatch) -> None:
+    """Route the test's linear layers through oneDNN at any size, or keep them on F.linear."""
+    if library == "oneDNN":
+        if not cpu_linear.available():
+            pytest.skip("oneDNN's linear operator is not available here")
+        monkeypatch.setattr(cpu_linear, "MIN_ROWS", 1)
+    assert cpu_linear.usable(torch.randn(4, 8), torch.randn(8, 8)) == (library == "oneDNN")
+
+
+@pytest.mark.parametrize("library", ["MKL", "oneDNN"])
 @pytest.mark.parametrize("image_size,patch_size", [(32, 4), (32, 8), (48, 16)])
-def test_timm_weights_give_timm_logits(image_size: int, patch_size: int) -> None:
+def test_timm_weights_give_timm_logits(
+    image_size: int, patch_size: int, library: str, monkeypatch
+) -> None:
+    products_through(library, monkeypatch)
     theirs = timm_twin(image_size, patch_size, 10, SMALL)
     with torch.no_grad():  # non-trivial values everywhere, not timm's near-zero init
         for p in theirs.parameters():
@@ -34,7 +47,11 @@ def test_timm_weights_give_timm_logits(image_size: int, patch_size: int) -> None
         torch.testing.assert_close(ours(images), theirs(images))
 
 
-def test_training_gradients_match_timm_though_the_last_block_computes_cls_alone() -> None:
+@pytest.mark.parametrize("library", ["MKL", "oneDNN"])
+def test_training_gradients_match_timm_though_the_last_block_computes_cls_alone(
+    library: str, monkeypatch
+) -> None:
+    products_through(library, monkeypatch)
     theirs = timm_twin(32, 4, 10, SMALL).train()
     with torch.no_grad():
         for p in theirs.parameters():
@@ -199,3 +216,20 @@ def test_mimetic_init_makes_tokens_attend_to_themselves_and_values_cancel() -> N
     assert noise.diagonal().abs().mean() < 0.05
     assert (noise.norm() / dim**0.5).item() == pytest.approx(0.4, rel=0.1)  # |Z|_F ~ sqrt(dim)
     assert not attention.qkv.bias.any() and not attention.proj.bias.any()
+
+
+def test_the_throughput_benchmark_prints_both_models_and_the_ceiling() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.throughput", "--variants", "nano", "--batch-size", "4",
+         "--steps", "1", "--repeats", "1"],
+        capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "(best of 3 measurements in this run" in done.stdout  # before, after train, after infer
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| nano")]
+    assert [row[1].strip() for row in rows] == ["train", "infer"]
+    assert all(float(cell) > 0 for row in rows for cell in row[2:6])
