@@ -58,8 +58,8 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, median of "
           f"{args.repeats} interleaved repeats of {args.steps} calls")
-    print("| shape (rows x in x out) | pass | torch (MKL) ms | oneDNN ms | MKL / oneDNN | the model "
-          "uses |")
+    print("| shape (rows x in x out) | pass | torch (MKL) ms | oneDNN ms | MKL / oneDNN "
+          "| the model uses |")
     print("|---|---|---|---|---|---|")
     for rows, features_in, features_out in args.shapes:
         x = torch.randn(rows, features_in, requires_grad=True)

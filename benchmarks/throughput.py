@@ -13,8 +13,9 @@ the timers wait for the device, and ``--precision bf16`` runs both models under 
 (the matmul rate is then measured in bf16). Both models share one process, which keeps freed
 memory as ``train.py`` does (``vit.allocator``; ``python -m benchmarks.allocator`` measures it).
 On x86-64 Linux ours attends through its own CPU kernel (``vit.cpu_attention``) and runs its
-large linear layers through oneDNN (``vit.cpu_linear``); FLOPs are counted on torch's operators, the
-same arithmetic. ``VIT_CPU_ATTENTION=0`` and ``VIT_CPU_LINEAR=0`` time it without either.
+large linear layers through oneDNN (``vit.cpu_linear``); FLOPs are counted on torch's
+operators, the same arithmetic. ``VIT_CPU_ATTENTION=0`` and ``VIT_CPU_LINEAR=0`` time it
+without either.
 """
 
 from __future__ import annotations
@@ -60,15 +61,16 @@ def matmul_gflops(
 ) -> float:
     """This machine's matrix-multiply rate in ``dtype``: the ceiling for a transformer step.
 
-    The best of ``rounds`` timings of ``repeats`` products, through torch's ``@`` and, on a CPU
-    where ``vit.cpu_linear`` applies, through oneDNN as well (the faster of the two libraries
-    sets the ceiling): a ceiling, so a round slowed by another process does not lower it.
+    The best of ``rounds`` timings of ``repeats`` products, through torch's ``@`` and, in fp32
+    on a CPU where ``vit.cpu_linear`` is available, through oneDNN as well (the faster of the
+    two libraries sets the ceiling): a ceiling, so a round slowed by another process does not
+    lower it.
     """
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     products = [lambda: a @ b]
-    if cpu_linear.usable(a, b):
-        products.append(lambda: cpu_linear.linear(a, b))
+    if device.type == "cpu" and dtype == torch.float32 and cpu_linear.available():
+        products.append(lambda: cpu_linear.onednn_linear(a, b))
     rates = []
     for product in products:
         for _ in range(3):
@@ -221,6 +223,7 @@ def main() -> None:
         print(f"| {variant} | {mode} | {rates['ours']:.0f} | {rates['timm']:.0f} | "
               f"{rates['ours'] / rates['timm']:.2f} | {achieved['ours']:.1f} | "
               f"{100 * achieved['ours'] / peak:.0f} % | {100 * achieved['timm'] / peak:.0f} % |")
+
 
 if __name__ == "__main__":
     main()

@@ -27,7 +27,8 @@ def output_and_gradients(
 ) -> list[torch.Tensor]:
     leaves = [t.clone().requires_grad_() for t in (x, weight, bias) if t is not None]
     out = function(*leaves, *([None] if bias is None else []))
-    return [out.double(), *(g.double() for g in torch.autograd.grad(out, leaves, grad_out.to(out.dtype)))]
+    grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
+    return [out.double(), *(g.double() for g in grads)]
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -120,9 +120,9 @@ class Attention(nn.Module):
         dropout_p = self.attn_drop if self.training else 0.0
         if cls_only:  # rows [0, D) of the fused weight make queries, [D, 3D) keys and values
             dim = x.shape[-1]
-            bias = self.qkv.bias
-            q = cpu_linear.linear(x[:, :1], self.qkv.weight[:dim], None if bias is None else bias[:dim])
-            kv = cpu_linear.linear(x, self.qkv.weight[dim:], None if bias is None else bias[dim:])
+            weight, bias = self.qkv.weight, self.qkv.bias
+            q = cpu_linear.linear(x[:, :1], weight[:dim], None if bias is None else bias[:dim])
+            kv = cpu_linear.linear(x, weight[dim:], None if bias is None else bias[dim:])
             if padding_mask is None and cpu_attention.usable(kv, dropout_p):
                 out = cpu_attention.attention_of_queries(q, kv, self.num_heads)
                 return self.proj_drop(self.proj(out))

@@ -51,7 +51,6 @@ def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and x.dim() >= 2
-        and x.numel() >= MIN_ROWS * max(x.shape[-1], 1)
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
@@ -59,10 +58,15 @@ def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and not torch.onnx.is_in_onnx_export()
         and _get_current_dispatch_mode() is None
         and available()
+        # last: while torch.export traces, the checks above end the test before a size
+        # comparison would constrain the exported batch size
+        and x.numel() >= MIN_ROWS * max(x.shape[-1], 1)
     )
 
 
-def _onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _onednn_product(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     """x @ weight.T + bias through oneDNN, for x of any leading shape."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
