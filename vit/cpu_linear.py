@@ -4,8 +4,8 @@ torch runs ``F.linear`` in float32 on the CPU through MKL's sgemm, which first c
 into the output and then adds the product to it. For inputs of many rows (a batch of 128 images
 of 65 tokens: 8,320) oneDNN, torch's other CPU matrix library, adds the bias inside the product,
 and its products for the output and for the gradient of the input ran faster than MKL's on a
-two-core AMD EPYC: the whole fp32 training step of the ``small`` model went from 1.18-1.19 to
-1.28-1.34 times timm's. Below 8,192 rows MKL was the faster there (a batch of 32: 0.70-0.91
+two-core AMD EPYC: the whole fp32 training step of the ``small`` model went from 1.11-1.19 to
+1.24-1.34 times timm's. Below 8,192 rows MKL was the faster there (a batch of 32: 0.70-0.91
 times in the forward), so those stay with ``F.linear``; so does the weights' gradient, faster
 with MKL at every size measured (``benchmarks/RESULTS.md``, "Linear layers through oneDNN").
 The arithmetic is the same x W^T + b in float32; the two libraries differ only in rounding.
