@@ -19,7 +19,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from benchmarks.precision import median_ms
+from benchmarks.precision import forward_and_backward_ms
 from vit import cpu_attention
 from vit.allocator import keep_freed_memory
 
@@ -78,13 +78,10 @@ def main() -> None:
     for batch, tokens, heads, width in args.shapes:
         projected = torch.randn(batch, tokens, 3 * heads * width, requires_grad=True)
         grad = torch.randn(batch, tokens, heads * width)
-        paths = {"torch": torch_path, "ours": our_path}
-        with torch.no_grad():
-            forward = median_ms({n: lambda p=p: p(projected, heads) for n, p in paths.items()},
-                                args.steps, args.repeats)
-        both = median_ms(
-            {n: lambda p=p: p(projected, heads).backward(grad) for n, p in paths.items()},
-            args.steps, args.repeats,
+        forward, both = forward_and_backward_ms(
+            {"torch": lambda: torch_path(projected, heads),
+             "ours": lambda: our_path(projected, heads)},
+            grad, args.steps, args.repeats,
         )
         shape = f"{batch} x {tokens} x {heads} x {width}"
         for name, ms in (("forward", forward), ("forward + backward", both)):

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.attention import positive
-from benchmarks.precision import median_ms
+from benchmarks.precision import forward_and_backward_ms
 from vit import cpu_linear
 from vit.allocator import keep_freed_memory
 
@@ -66,14 +66,11 @@ def main() -> None:
         weight = torch.randn(features_out, features_in, requires_grad=True)
         bias = torch.randn(features_out, requires_grad=True)
         grad = torch.randn(rows, features_out)
-        paths = {"torch": F.linear, "ours": cpu_linear.onednn_linear}
         used = "oneDNN" if cpu_linear.usable(x, weight) else "MKL"
-        with torch.no_grad():
-            forward = median_ms({n: lambda p=p: p(x, weight, bias) for n, p in paths.items()},
-                                args.steps, args.repeats)
-        both = median_ms(
-            {n: lambda p=p: p(x, weight, bias).backward(grad) for n, p in paths.items()},
-            args.steps, args.repeats,
+        forward, both = forward_and_backward_ms(
+            {"torch": lambda: F.linear(x, weight, bias),
+             "ours": lambda: cpu_linear.onednn_linear(x, weight, bias)},
+            grad, args.steps, args.repeats,
         )
         shape = f"{rows} x {features_in} x {features_out}"
         for name, ms in (("forward", forward), ("forward + backward", both)):

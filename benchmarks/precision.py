@@ -43,6 +43,20 @@ def median_ms(functions: dict[str, Callable[[], None]], calls: int, repeats: int
     return {name: statistics.median(measured) for name, measured in times.items()}
 
 
+def forward_and_backward_ms(
+    paths: dict[str, Callable[[], torch.Tensor]], grad: torch.Tensor, calls: int, repeats: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median milliseconds per call of each path's forward without gradients, then of its
+    forward and backward from ``grad``, timed in turn (:func:`median_ms`)."""
+    with torch.no_grad():
+        forward = median_ms(dict(paths), calls, repeats)
+    both = median_ms(
+        {name: lambda path=path: path().backward(grad) for name, path in paths.items()},
+        calls, repeats,
+    )
+    return forward, both
+
+
 def autocast(bf16: bool) -> contextlib.AbstractContextManager:
     return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 

@@ -7,7 +7,7 @@ and its products for the output and for the gradient of the input ran faster tha
 two-core AMD EPYC: the whole fp32 training step of the ``small`` model went from 1.11-1.19 to
 1.24-1.34 times timm's. Below 8,192 rows MKL was the faster there (a batch of 32: 0.70-0.91
 times in the forward), so those stay with ``F.linear``; so does the weights' gradient, faster
-with MKL at every size measured (``benchmarks/RESULTS.md``, "Linear layers through oneDNN").
+with MKL at the sizes measured (``benchmarks/RESULTS.md``, "Linear layers through oneDNN").
 The arithmetic is the same x W^T + b in float32; the two libraries differ only in rounding.
 
 Used for float32 on the CPU outside autocast, where torch has oneDNN's linear operator (the
