@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,20 @@ def _seed_and_isolate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     torch.set_num_threads(1)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("VIT_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def run_benchmark(module: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """``python -m benchmarks.<module> args`` from the repository root, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{module}", *args],
+        capture_output=True, text=True, cwd=REPO, timeout=timeout,
+    )
+
+
+def table_rows(stdout: str, first_cell: str) -> list[list[str]]:
+    """The stripped cells of the markdown table rows whose first cell starts with ``first_cell``."""
+    return [[cell.strip() for cell in line.split("|")[1:-1]] for line in stdout.splitlines()
+            if line.startswith(f"| {first_cell}")]
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import run_benchmark, table_rows
 from vit import cpu_attention
 from vit.attention import Attention
 
@@ -189,15 +190,8 @@ def test_pips_ninja_is_put_on_the_path_when_none_is_there(monkeypatch) -> None:
 
 
 def test_the_benchmark_prints_both_kernels_and_their_ratio() -> None:
-    import subprocess
-    from pathlib import Path
-
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.attention", "--shapes", "2x9x2x8", "--steps", "1",
-         "--repeats", "1"],
-        capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=120,
-    )
+    done = run_benchmark("attention", "--shapes", "2x9x2x8", "--steps", "1", "--repeats", "1")
     assert done.returncode == 0, done.stderr
-    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| 2 x")]
-    assert [row[1].strip() for row in rows] == ["forward", "forward + backward"]
+    rows = table_rows(done.stdout, "2 x")
+    assert [row[1] for row in rows] == ["forward", "forward + backward"]
     assert all(float(cell) > 0 for row in rows for cell in row[2:])

@@ -3,15 +3,12 @@ back to F.linear wherever oneDNN's operator does not apply."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import run_benchmark, table_rows
 from vit import cpu_linear
 from vit.attention import Attention
 from vit.encoder import Block
@@ -120,18 +117,11 @@ def test_torchs_linear_where_onednn_does_not_apply(case: str, monkeypatch) -> No
 
 
 def test_the_benchmark_prints_both_paths_and_their_ratio() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.linear", "--shapes", "40x8x12", "--steps", "1",
-         "--repeats", "1"],
-        capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=120,
-    )
+    done = run_benchmark("linear", "--shapes", "40x8x12", "--steps", "1", "--repeats", "1")
     assert done.returncode == 0, done.stderr
-    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| 40 x")]
-    assert [row[1].strip() for row in rows] == ["forward", "forward + backward"]
+    rows = table_rows(done.stdout, "40 x")
+    assert [row[1] for row in rows] == ["forward", "forward + backward"]
     assert all(float(cell) > 0 for row in rows for cell in row[2:5])
-    assert all(row[5].strip() == "MKL" for row in rows)  # 40 rows: the model keeps F.linear
-    refused = subprocess.run(
-        [sys.executable, "-m", "benchmarks.linear", "--shapes", "40x8"],
-        capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=120,
-    )
+    assert all(row[5] == "MKL" for row in rows)  # 40 rows: the model keeps F.linear
+    refused = run_benchmark("linear", "--shapes", "40x8")
     assert refused.returncode == 2 and "give a shape as ROWSxINxOUT" in refused.stderr

@@ -6,6 +6,7 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from conftest import run_benchmark, table_rows
 from vit import cpu_attention, cpu_linear
 from vit.attention import Attention
 from vit.embed import resample_pos_embed
@@ -219,17 +220,10 @@ def test_mimetic_init_makes_tokens_attend_to_themselves_and_values_cancel() -> N
 
 
 def test_the_throughput_benchmark_prints_both_models_and_the_ceiling() -> None:
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.throughput", "--variants", "nano", "--batch-size", "4",
-         "--steps", "1", "--repeats", "1"],
-        capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=300,
-    )
+    done = run_benchmark("throughput", "--variants", "nano", "--batch-size", "4", "--steps", "1",
+                         "--repeats", "1", timeout=300)
     assert done.returncode == 0, done.stderr
     assert "(best of 3 measurements in this run" in done.stdout  # before, after train, after infer
-    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| nano")]
-    assert [row[1].strip() for row in rows] == ["train", "infer"]
+    rows = table_rows(done.stdout, "nano")
+    assert [row[1] for row in rows] == ["train", "infer"]
     assert all(float(cell) > 0 for row in rows for cell in row[2:6])

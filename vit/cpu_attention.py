@@ -29,7 +29,8 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from vit.eager import runs_eagerly
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_attention.cpp"
 MAX_TOKENS = 256
@@ -111,11 +112,7 @@ def usable(projection: torch.Tensor, dropout_p: float) -> bool:
         and (projection.dtype == torch.float32 or trains_in_bf16)
         and dropout_p == 0.0
         and projection.shape[1] <= MAX_TOKENS
-        and not torch.compiler.is_compiling()
-        and not torch.jit.is_tracing()
-        and not torch.jit.is_scripting()
-        and not torch.onnx.is_in_onnx_export()
-        and _get_current_dispatch_mode() is None
+        and runs_eagerly()
         and extension() is not None
     )
 

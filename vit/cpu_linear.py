@@ -25,7 +25,8 @@ import platform
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from vit.eager import runs_eagerly
 
 ENV_SWITCH = "VIT_CPU_LINEAR"
 MIN_ROWS = 8192
@@ -52,11 +53,7 @@ def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and weight.dtype == torch.float32
         and x.dim() >= 2
         and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
-        and not torch.jit.is_tracing()
-        and not torch.jit.is_scripting()
-        and not torch.onnx.is_in_onnx_export()
-        and _get_current_dispatch_mode() is None
+        and runs_eagerly()
         and available()
         # last: while torch.export traces, the checks above end the test before a size
         # comparison would constrain the exported batch size
