@@ -7,7 +7,8 @@ For each (rows x in x out) shape, both compute x W^T + b from float32 x (rows, i
 and backward also make the gradients of x, W and b. Each repeat times ``--steps`` calls of
 each in turn; the medians, in ms, and their ratio are printed, for the forward alone (no
 gradient) and for forward and backward, and whether the model's layers take oneDNN's path at
-that size (``vit.cpu_linear.MIN_ROWS``). The defaults are the four layers of a block of the
+that size on this machine (``vit.cpu_linear.MIN_ROWS``; by default only on AMD CPUs,
+``VIT_CPU_LINEAR=1`` or ``0`` decides otherwise). The defaults are the four layers of a block of the
 ``small`` model (q/k/v, output projection, MLP in and out) at batch 128 on 32x32 images (65
 tokens a sample) and the recipe's ``tiny`` MLP at batch 32. Freed memory is kept for both, as
 in ``train.py``.
@@ -51,8 +52,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=positive, default=7)
     args = parser.parse_args()
     if not cpu_linear.available():
-        parser.error("oneDNN's linear operator is not available here (an x86-64 CPU and a torch "
-                     f"built with oneDNN, and {cpu_linear.ENV_SWITCH} not 0); nothing to compare.")
+        parser.error("oneDNN's linear operator is not available here (it needs an x86-64 CPU and "
+                     "a torch built with oneDNN); nothing to compare.")
 
     keep_freed_memory()
     torch.manual_seed(0)

@@ -215,7 +215,9 @@ def main() -> None:
     compiled = [name for name, on in (("ours", args.compile), ("timm", args.compile_timm)) if on]
     print(f"batch {args.batch_size}, {args.image_size}x{args.image_size}, patch {args.patch_size}, "
           f"median of {args.repeats} interleaved repeats of {args.steps} steps"
-          + (f", compiled: {' and '.join(compiled)}" if compiled else ""))
+          + (f", compiled: {' and '.join(compiled)}" if compiled else "")
+          + (f", our large linear layers: {'oneDNN' if cpu_linear.enabled() else 'MKL'}"
+             if device.type == "cpu" else ""))
     print("| variant | mode | ours img/s | timm img/s | ours / timm | ours GFLOP/s | ours % of matmul "
           "| timm % of matmul |")
     print("|---|---|---|---|---|---|---|---|")

@@ -26,6 +26,20 @@ def _seed_and_isolate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VIT_CACHE_DIR", str(tmp_path / "cache"))
 
 
+@pytest.fixture
+def choose_linear_route(monkeypatch: pytest.MonkeyPatch):
+    """``choose(value)`` sets ``VIT_CPU_LINEAR`` for one test ("1": large float32 linear layers
+    through oneDNN on any x86-64 CPU, "0": never, "": by CPU vendor); the route is recomputed."""
+    from vit import cpu_linear
+
+    def choose(value: str) -> None:
+        monkeypatch.setenv(cpu_linear.ENV_SWITCH, value)
+        cpu_linear.enabled.cache_clear()
+
+    yield choose
+    cpu_linear.enabled.cache_clear()
+
+
 def run_benchmark(module: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     """``python -m benchmarks.<module> args`` from the repository root, its output captured."""
     return subprocess.run(

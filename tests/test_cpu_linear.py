@@ -3,6 +3,8 @@ back to F.linear wherever oneDNN's operator does not apply."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -64,7 +66,8 @@ def test_a_strided_input_and_only_some_gradients() -> None:
     assert grad_x[:, 1:].abs().max() == 0 and grad_bias.shape == (8,)
 
 
-def test_blocks_run_their_four_products_through_onednn(monkeypatch) -> None:
+def test_blocks_run_their_four_products_through_onednn(choose_linear_route, monkeypatch) -> None:
+    choose_linear_route("1")
     calls = []
     product = cpu_linear._onednn_product
 
@@ -84,7 +87,10 @@ def test_blocks_run_their_four_products_through_onednn(monkeypatch) -> None:
 @pytest.mark.parametrize(
     "case", ["too few rows", "autocast", "float64", "flop counter", "switched off"]
 )
-def test_torchs_linear_where_onednn_does_not_apply(case: str, monkeypatch) -> None:
+def test_torchs_linear_where_onednn_does_not_apply(
+    case: str, choose_linear_route, monkeypatch
+) -> None:
+    choose_linear_route("1")
     calls = []
     monkeypatch.setattr(cpu_linear, "onednn_linear", lambda *args: calls.append(1))
     if case != "too few rows":
@@ -106,22 +112,42 @@ def test_torchs_linear_where_onednn_does_not_apply(case: str, monkeypatch) -> No
             out = layer(x)
         assert counter.get_total_flops() >= 2 * 2 * 9 * 32 * (96 + 32)  # q/k/v and projection
     else:
-        monkeypatch.setenv(cpu_linear.ENV_SWITCH, "0")
-        cpu_linear.available.cache_clear()
-        try:
-            out = layer(x)
-        finally:
-            monkeypatch.delenv(cpu_linear.ENV_SWITCH)
-            cpu_linear.available.cache_clear()
+        choose_linear_route("0")
+        out = layer(x)
     assert out.shape == (2, 9, 32) and calls == []
 
 
-def test_the_benchmark_prints_both_paths_and_their_ratio() -> None:
-    done = run_benchmark("linear", "--shapes", "40x8x12", "--steps", "1", "--repeats", "1")
-    assert done.returncode == 0, done.stderr
-    rows = table_rows(done.stdout, "40 x")
-    assert [row[1] for row in rows] == ["forward", "forward + backward"]
-    assert all(float(cell) > 0 for row in rows for cell in row[2:5])
-    assert all(row[5] == "MKL" for row in rows)  # 40 rows: the model keeps F.linear
-    refused = run_benchmark("linear", "--shapes", "40x8")
-    assert refused.returncode == 2 and "give a shape as ROWSxINxOUT" in refused.stderr
+@pytest.mark.parametrize(
+    "choice,vendor,through_onednn",
+    [("", "AuthenticAMD", True), ("", "GenuineIntel", False), ("", "", False),
+     ("1", "GenuineIntel", True), ("0", "AuthenticAMD", False)],
+)
+def test_the_route_follows_the_switch_and_else_the_cpu_vendor(
+    choice: str, vendor: str, through_onednn: bool, choose_linear_route, monkeypatch
+) -> None:
+    """oneDNN measured faster than MKL on an AMD EPYC and slower on an Intel Xeon."""
+    monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: vendor)
+    choose_linear_route(choice)
+    assert cpu_linear.enabled() is through_onednn
+    rows = torch.randn(cpu_linear.MIN_ROWS, 8)
+    assert cpu_linear.usable(rows, torch.randn(4, 8)) is through_onednn
+
+
+def test_an_unknown_switch_value_names_the_choices(choose_linear_route) -> None:
+    choose_linear_route("yes")
+    with pytest.raises(ValueError, match=r"VIT_CPU_LINEAR='yes'.*set it to 1.*0.*unset"):
+        Attention(32, 2)(torch.randn(2, 9, 32))
+
+
+def test_the_vendor_is_read_from_cpuinfo_or_the_processor_description(
+    tmp_path: Path, monkeypatch
+) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n\n"
+                       "processor\t: 1\nvendor_id\t: AuthenticAMD\n")
+    assert cpu_linear.cpu_vendor(str(cpuinfo)) == "AuthenticAMD"
+    monkeypatch.setattr(cpu_linear.platform, "processor",
+                        lambda: "Intel64 Family 6 Model 143 Stepping 8, GenuineIntel")
+    assert cpu_linear.cpu_vendor(str(tmp_path / "absent")) == "GenuineIntel"
+    monkeypatch.setattr(cpu_linear.platform, "processor", lambda: "")
+    assert cpu_linear.cpu_vendor(str(tmp_path / "absent")) == ""

@@ -22,21 +22,24 @@ def timm_twin(image_size: int, patch_size: int, num_classes: int, cfg: EncoderCo
     ).eval()
 
 
-def products_through(library: str, monkeypatch) -> None:
+def products_through(library: str, choose_linear_route, monkeypatch) -> None:
     """Route the test's linear layers through oneDNN at any size, or keep them on F.linear."""
     if library == "oneDNN":
         if not cpu_linear.available():
             pytest.skip("oneDNN's linear operator is not available here")
+        choose_linear_route("1")
         monkeypatch.setattr(cpu_linear, "MIN_ROWS", 1)
+    else:
+        choose_linear_route("0")
     assert cpu_linear.usable(torch.randn(4, 8), torch.randn(8, 8)) == (library == "oneDNN")
 
 
 @pytest.mark.parametrize("library", ["MKL", "oneDNN"])
 @pytest.mark.parametrize("image_size,patch_size", [(32, 4), (32, 8), (48, 16)])
 def test_timm_weights_give_timm_logits(
-    image_size: int, patch_size: int, library: str, monkeypatch
+    image_size: int, patch_size: int, library: str, choose_linear_route, monkeypatch
 ) -> None:
-    products_through(library, monkeypatch)
+    products_through(library, choose_linear_route, monkeypatch)
     theirs = timm_twin(image_size, patch_size, 10, SMALL)
     with torch.no_grad():  # non-trivial values everywhere, not timm's near-zero init
         for p in theirs.parameters():
@@ -50,9 +53,9 @@ def test_timm_weights_give_timm_logits(
 
 @pytest.mark.parametrize("library", ["MKL", "oneDNN"])
 def test_training_gradients_match_timm_though_the_last_block_computes_cls_alone(
-    library: str, monkeypatch
+    library: str, choose_linear_route, monkeypatch
 ) -> None:
-    products_through(library, monkeypatch)
+    products_through(library, choose_linear_route, monkeypatch)
     theirs = timm_twin(32, 4, 10, SMALL).train()
     with torch.no_grad():
         for p in theirs.parameters():

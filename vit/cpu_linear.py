@@ -5,15 +5,19 @@ into the output and then adds the product to it. For inputs of many rows (a batc
 of 65 tokens: 8,320) oneDNN, torch's other CPU matrix library, adds the bias inside the product,
 and its products for the output and for the gradient of the input ran faster than MKL's on a
 two-core AMD EPYC: the whole fp32 training step of the ``small`` model went from 1.11-1.19 to
-1.24-1.34 times timm's. Below 8,192 rows MKL was the faster there (a batch of 32: 0.70-0.91
-times in the forward), so those stay with ``F.linear``; so does the weights' gradient, faster
-with MKL at the sizes measured (``benchmarks/RESULTS.md``, "Linear layers through oneDNN").
-The arithmetic is the same x W^T + b in float32; the two libraries differ only in rounding.
+1.24-1.34 times timm's. On a two-core Intel Xeon the same products ran slower than MKL's
+(0.85-1.03 times) and the step lost with them (``small``: 1.19-1.21 times timm's, against
+1.26-1.32 with MKL), so by default only AMD CPUs take this path. Below 8,192 rows MKL was the
+faster on both (a batch of 32: 0.70-0.92 times in the forward), so those stay with
+``F.linear``; so does the weights' gradient, faster with MKL at the sizes measured
+(``benchmarks/RESULTS.md``, "Linear layers through oneDNN"). The arithmetic is the same
+x W^T + b in float32; the two libraries differ only in rounding.
 
-Used for float32 on the CPU outside autocast, where torch has oneDNN's linear operator (the
-pip wheels for x86-64 do); elsewhere, while torch compiles, traces or exports the model, under
-a tensor dispatch mode such as ``FlopCounterMode``, or with ``VIT_CPU_LINEAR=0``, layers run
-``F.linear`` as before.
+``VIT_CPU_LINEAR`` chooses: unset, oneDNN on AMD CPUs; ``1``, on every x86-64 CPU; ``0``,
+never. Even where chosen, layers run ``F.linear`` outside float32 on the CPU, under autocast,
+while torch compiles, traces or exports the model, under a tensor dispatch mode such as
+``FlopCounterMode``, and where torch lacks oneDNN's linear operator (the pip wheels for x86-64
+have it).
 """
 
 from __future__ import annotations
@@ -33,20 +37,53 @@ MIN_ROWS = 8192
 """Inputs of fewer rows (all dimensions but the last) run through ``F.linear``: MKL's is faster."""
 
 
+ROUTE_BY_VENDOR = ("AuthenticAMD",)
+"""CPU vendors whose large products take oneDNN when ``VIT_CPU_LINEAR`` is unset: where it
+measured faster than MKL."""
+
+
 @functools.cache
 def available() -> bool:
-    """Whether this torch has oneDNN's linear operator on an x86-64 CPU, and it is not off."""
+    """Whether this torch has oneDNN's linear operator on an x86-64 CPU."""
     return (
-        os.environ.get(ENV_SWITCH, "1") != "0"
-        and platform.machine() in ("x86_64", "AMD64")
+        platform.machine() in ("x86_64", "AMD64")
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     )
 
 
+def cpu_vendor(cpuinfo_path: str = "/proc/cpuinfo") -> str:
+    """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``), or ``""`` if unknown: from
+    Linux's ``/proc/cpuinfo``, else from the processor's description (Windows)."""
+    try:
+        with open(cpuinfo_path, encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() == "vendor_id":
+                    return value.strip()
+    except OSError:
+        pass
+    description = platform.processor()  # Windows: "AMD64 Family 25 Model 1 ..., AuthenticAMD"
+    return next((vendor for vendor in ("GenuineIntel", "AuthenticAMD") if vendor in description), "")
+
+
+@functools.cache
+def enabled() -> bool:
+    """Whether large float32 products take oneDNN on this machine, as ``VIT_CPU_LINEAR`` says."""
+    choice = os.environ.get(ENV_SWITCH, "")
+    if choice not in ("", "0", "1"):
+        raise ValueError(
+            f"{ENV_SWITCH}={choice!r} is not a choice: set it to 1 (large float32 linear layers "
+            "through oneDNN), 0 (always torch's F.linear), or leave it unset (oneDNN on AMD CPUs only)."
+        )
+    if choice == "0" or not available():
+        return False
+    return choice == "1" or cpu_vendor() in ROUTE_BY_VENDOR
+
+
 def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``x @ weight.T`` runs through oneDNN: float32 CPU tensors of at least
-    :data:`MIN_ROWS` rows outside autocast, eager mode, no tensor dispatch mode watching."""
+    """Whether ``x @ weight.T`` runs through oneDNN: where :func:`enabled`, float32 CPU tensors
+    of at least :data:`MIN_ROWS` rows outside autocast, eager mode, no tensor dispatch mode."""
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
@@ -54,7 +91,7 @@ def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.dim() >= 2
         and not torch.is_autocast_enabled("cpu")
         and runs_eagerly()
-        and available()
+        and enabled()
         # last: while torch.export traces, the checks above end the test before a size
         # comparison would constrain the exported batch size
         and x.numel() >= MIN_ROWS * max(x.shape[-1], 1)
