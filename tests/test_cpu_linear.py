@@ -151,3 +151,14 @@ def test_the_vendor_is_read_from_cpuinfo_or_the_processor_description(
     assert cpu_linear.cpu_vendor(str(tmp_path / "absent")) == "GenuineIntel"
     monkeypatch.setattr(cpu_linear.platform, "processor", lambda: "")
     assert cpu_linear.cpu_vendor(str(tmp_path / "absent")) == ""
+
+
+def test_the_benchmark_prints_both_paths_and_their_ratio() -> None:
+    done = run_benchmark("linear", "--shapes", "40x8x12", "--steps", "1", "--repeats", "1")
+    assert done.returncode == 0, done.stderr
+    rows = table_rows(done.stdout, "40 x")
+    assert [row[1] for row in rows] == ["forward", "forward + backward"]
+    assert all(float(cell) > 0 for row in rows for cell in row[2:5])
+    assert all(row[5] == "MKL" for row in rows)  # 40 rows: the model keeps F.linear
+    refused = run_benchmark("linear", "--shapes", "40x8")
+    assert refused.returncode == 2 and "give a shape as ROWSxINxOUT" in refused.stderr

@@ -5,8 +5,8 @@ into the output and then adds the product to it. For inputs of many rows (a batc
 of 65 tokens: 8,320) oneDNN, torch's other CPU matrix library, adds the bias inside the product,
 and its products for the output and for the gradient of the input ran faster than MKL's on a
 two-core AMD EPYC: the whole fp32 training step of the ``small`` model went from 1.11-1.19 to
-1.24-1.34 times timm's. On a two-core Intel Xeon the same products ran slower than MKL's
-(0.85-1.03 times) and the step lost with them (``small``: 1.19-1.21 times timm's, against
+1.24-1.34 times timm's. On a two-core Intel Xeon the same products ran no faster than MKL's
+(0.88-1.03 times its speed at 8,320 rows) and the step lost with them (``small``: 1.19-1.21 times timm's, against
 1.26-1.32 with MKL), so by default only AMD CPUs take this path. Below 8,192 rows MKL was the
 faster on both (a batch of 32: 0.70-0.92 times in the forward), so those stay with
 ``F.linear``; so does the weights' gradient, faster with MKL at the sizes measured
