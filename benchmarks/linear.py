@@ -7,8 +7,7 @@ For each (rows x in x out) shape, both compute x W^T + b from float32 x (rows, i
 and backward also make the gradients of x, W and b. Each repeat times ``--steps`` calls of
 each in turn; the medians, in ms, and their ratio are printed, for the forward alone (no
 gradient) and for forward and backward, and whether the model's layers take oneDNN's path at
-that size on this machine (``vit.cpu_linear.MIN_ROWS``; by default only on AMD CPUs,
-``VIT_CPU_LINEAR=1`` or ``0`` decides otherwise). The defaults are the four layers of a block of the
+that size (``vit.cpu_linear.MIN_ROWS``; only with ``VIT_CPU_LINEAR=1``). The defaults are the four layers of a block of the
 ``small`` model (q/k/v, output projection, MLP in and out) at batch 128 on 32x32 images (65
 tokens a sample) and the recipe's ``tiny`` MLP at batch 32. Freed memory is kept for both, as
 in ``train.py``.

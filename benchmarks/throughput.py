@@ -12,10 +12,10 @@ every token but CLS, so it runs fewer for the same logits. On a GPU
 the timers wait for the device, and ``--precision bf16`` runs both models under bf16 autocast
 (the matmul rate is then measured in bf16). Both models share one process, which keeps freed
 memory as ``train.py`` does (``vit.allocator``; ``python -m benchmarks.allocator`` measures it).
-On x86-64 Linux ours attends through its own CPU kernel (``vit.cpu_attention``) and, on AMD
-CPUs, runs its large linear layers through oneDNN (``vit.cpu_linear``; the header says which);
-FLOPs are counted on torch's operators, the same arithmetic. ``VIT_CPU_ATTENTION=0`` and
-``VIT_CPU_LINEAR=0`` time it without either, ``VIT_CPU_LINEAR=1`` with oneDNN on any x86-64 CPU.
+On x86-64 Linux ours attends through its own CPU kernel (``vit.cpu_attention``;
+``VIT_CPU_ATTENTION=0`` times it without), and with ``VIT_CPU_LINEAR=1`` runs its large linear
+layers through oneDNN (``vit.cpu_linear``; the header says which library); FLOPs are counted on
+torch's operators, the same arithmetic.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ def _seed_and_isolate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def choose_linear_route(monkeypatch: pytest.MonkeyPatch):
     """``choose(value)`` sets ``VIT_CPU_LINEAR`` for one test ("1": large float32 linear layers
-    through oneDNN on any x86-64 CPU, "0": never, "": by CPU vendor); the route is recomputed."""
+    through oneDNN, "0" or "": through F.linear); the route is recomputed."""
     from vit import cpu_linear
 
     def choose(value: str) -> None:

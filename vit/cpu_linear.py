@@ -2,20 +2,21 @@
 
 torch runs ``F.linear`` in float32 on the CPU through MKL's sgemm, which first copies the bias
 into the output and then adds the product to it. For inputs of many rows (a batch of 128 images
-of 65 tokens: 8,320) oneDNN, torch's other CPU matrix library, adds the bias inside the product,
-and its products for the output and for the gradient of the input ran faster than MKL's on a
-two-core AMD EPYC: the whole fp32 training step of the ``small`` model went from 1.11-1.19 to
-1.24-1.34 times timm's. On a two-core Intel Xeon the same products ran no faster than MKL's
-(0.88-1.03 times its speed at 8,320 rows) and the step lost with them (``small``: 1.19-1.21 times timm's, against
-1.26-1.32 with MKL), so by default only AMD CPUs take this path. Below 8,192 rows MKL was the
-faster on both (a batch of 32: 0.70-0.92 times in the forward), so those stay with
-``F.linear``; so does the weights' gradient, faster with MKL at the sizes measured
-(``benchmarks/RESULTS.md``, "Linear layers through oneDNN"). The arithmetic is the same
-x W^T + b in float32; the two libraries differ only in rounding.
+of 65 tokens: 8,320) oneDNN, torch's other CPU matrix library, adds the bias inside the product.
+On one two-core AMD EPYC host its products for the output and for the gradient of the input ran
+faster than MKL's, and the whole fp32 training step of the ``small`` model went from 1.11-1.19
+to 1.24-1.34 times timm's; on another host of the same AMD model and on a two-core Intel Xeon
+they ran slower (0.86-1.03 times MKL's speed at 8,320 rows) and the step lost with them (1.19-1.21
+and 1.12-1.14 times timm's against 1.26-1.32 and 1.19-1.22 with MKL; ``benchmarks/RESULTS.md``,
+"Linear layers through oneDNN"). So this path is a choice, off by
+default: ``VIT_CPU_LINEAR=1`` turns it on, and ``python -m benchmarks.throughput`` with and
+without it shows which is faster on a given machine. Below 8,192 rows MKL was the faster
+everywhere (a batch of 32: 0.70-0.94 times in the forward), so those stay with ``F.linear``;
+so does the weights' gradient, faster with MKL at the sizes measured. The arithmetic is the
+same x W^T + b in float32; the two libraries differ only in rounding.
 
-``VIT_CPU_LINEAR`` chooses: unset, oneDNN on AMD CPUs; ``1``, on every x86-64 CPU; ``0``,
-never. Even where chosen, layers run ``F.linear`` outside float32 on the CPU, under autocast,
-while torch compiles, traces or exports the model, under a tensor dispatch mode such as
+Even when chosen, layers run ``F.linear`` outside float32 on the CPU, under autocast, while
+torch compiles, traces or exports the model, under a tensor dispatch mode such as
 ``FlopCounterMode``, and where torch lacks oneDNN's linear operator (the pip wheels for x86-64
 have it).
 """
@@ -37,11 +38,6 @@ MIN_ROWS = 8192
 """Inputs of fewer rows (all dimensions but the last) run through ``F.linear``: MKL's is faster."""
 
 
-ROUTE_BY_VENDOR = ("AuthenticAMD",)
-"""CPU vendors whose large products take oneDNN when ``VIT_CPU_LINEAR`` is unset: where it
-measured faster than MKL."""
-
-
 @functools.cache
 def available() -> bool:
     """Whether this torch has oneDNN's linear operator on an x86-64 CPU."""
@@ -52,33 +48,16 @@ def available() -> bool:
     )
 
 
-def cpu_vendor(cpuinfo_path: str = "/proc/cpuinfo") -> str:
-    """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``), or ``""`` if unknown: from
-    Linux's ``/proc/cpuinfo``, else from the processor's description (Windows)."""
-    try:
-        with open(cpuinfo_path, encoding="utf-8", errors="replace") as cpuinfo:
-            for line in cpuinfo:
-                key, _, value = line.partition(":")
-                if key.strip() == "vendor_id":
-                    return value.strip()
-    except OSError:
-        pass
-    description = platform.processor()  # Windows: "AMD64 Family 25 Model 1 ..., AuthenticAMD"
-    return next((vendor for vendor in ("GenuineIntel", "AuthenticAMD") if vendor in description), "")
-
-
 @functools.cache
 def enabled() -> bool:
-    """Whether large float32 products take oneDNN on this machine, as ``VIT_CPU_LINEAR`` says."""
+    """Whether large float32 products take oneDNN: ``VIT_CPU_LINEAR=1`` and :func:`available`."""
     choice = os.environ.get(ENV_SWITCH, "")
     if choice not in ("", "0", "1"):
         raise ValueError(
             f"{ENV_SWITCH}={choice!r} is not a choice: set it to 1 (large float32 linear layers "
-            "through oneDNN), 0 (always torch's F.linear), or leave it unset (oneDNN on AMD CPUs only)."
+            "through oneDNN) or to 0, or leave it unset (torch's F.linear, through MKL)."
         )
-    if choice == "0" or not available():
-        return False
-    return choice == "1" or cpu_vendor() in ROUTE_BY_VENDOR
+    return choice == "1" and available()
 
 
 def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
