@@ -3,14 +3,14 @@
     python -m benchmarks.linear
     python -m benchmarks.linear --shapes 8320x192x576 --repeats 9
 
-For each (rows x in x out) shape, both compute x W^T + b from float32 x (rows, in); forward
-and backward also make the gradients of x, W and b. Each repeat times ``--steps`` calls of
-each in turn; the medians, in ms, and their ratio are printed, for the forward alone (no
-gradient) and for forward and backward, and whether the model's layers take oneDNN's path at
-that size (``vit.cpu_linear.MIN_ROWS``; only with ``VIT_CPU_LINEAR=1``). The defaults are the four layers of a block of the
-``small`` model (q/k/v, output projection, MLP in and out) at batch 128 on 32x32 images (65
-tokens a sample) and the recipe's ``tiny`` MLP at batch 32. Freed memory is kept for both, as
-in ``train.py``.
+For each (rows x in x out) shape, both compute x W^T + b from float32 x (rows, in); forward and
+backward also make the gradients of x, W and b. Each repeat times ``--steps`` calls of each in
+turn; the medians, in ms, and their ratio are printed, for the forward alone (no gradient) and
+for forward and backward, and whether the model's layers take oneDNN's path at that size
+(``vit.cpu_linear.MIN_ROWS``; only with ``VIT_CPU_LINEAR=1``). The defaults are the four layers
+of a block of the ``small`` model (q/k/v, output projection, MLP in and out) at batch 128 on
+32x32 images (65 tokens a sample) and the recipe's ``tiny`` MLP at batch 32. Freed memory is
+kept for both, as in ``train.py``.
 """
 
 from __future__ import annotations

@@ -6,14 +6,14 @@ of 65 tokens: 8,320) oneDNN, torch's other CPU matrix library, adds the bias ins
 On one two-core AMD EPYC host its products for the output and for the gradient of the input ran
 faster than MKL's, and the whole fp32 training step of the ``small`` model went from 1.11-1.19
 to 1.24-1.34 times timm's; on another host of the same AMD model and on a two-core Intel Xeon
-they ran slower (0.86-1.03 times MKL's speed at 8,320 rows) and the step lost with them (1.19-1.21
-and 1.12-1.14 times timm's against 1.26-1.32 and 1.19-1.22 with MKL; ``benchmarks/RESULTS.md``,
-"Linear layers through oneDNN"). So this path is a choice, off by
+they ran slower (0.86-1.03 times MKL's speed at 8,320 rows) and the step lost with them
+(1.19-1.21 and 1.12-1.14 times timm's against 1.26-1.32 and 1.19-1.22 with MKL;
+``benchmarks/RESULTS.md``, "Linear layers through oneDNN"). So this path is a choice, off by
 default: ``VIT_CPU_LINEAR=1`` turns it on, and ``python -m benchmarks.throughput`` with and
 without it shows which is faster on a given machine. Below 8,192 rows MKL was the faster
-everywhere (a batch of 32: 0.70-0.94 times in the forward), so those stay with ``F.linear``;
-so does the weights' gradient, faster with MKL at the sizes measured. The arithmetic is the
-same x W^T + b in float32; the two libraries differ only in rounding.
+everywhere (a batch of 32: 0.70-0.94 times in the forward), so those stay with ``F.linear``; so
+does the weights' gradient, faster with MKL at the sizes measured. The arithmetic is the same
+x W^T + b in float32; the two libraries differ only in rounding.
 
 Even when chosen, layers run ``F.linear`` outside float32 on the CPU, under autocast, while
 torch compiles, traces or exports the model, under a tensor dispatch mode such as
