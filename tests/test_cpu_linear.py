@@ -12,6 +12,7 @@ from conftest import run_benchmark, table_rows
 from vit import cpu_linear
 from vit.attention import Attention
 from vit.encoder import Block
+from vit.errors import ConfigError
 
 pytestmark = pytest.mark.skipif(
     not cpu_linear.available(), reason="needs an x86-64 CPU and a torch built with oneDNN"
@@ -128,7 +129,7 @@ def test_onednn_is_a_choice_off_by_default(
 
 def test_an_unknown_switch_value_names_the_choices(choose_linear_route) -> None:
     choose_linear_route("yes")
-    with pytest.raises(ValueError, match=r"VIT_CPU_LINEAR='yes'.*set it to 1.*0.*unset"):
+    with pytest.raises(ConfigError, match=r"VIT_CPU_LINEAR='yes'.*set it to 1.*0.*unset"):
         Attention(32, 2)(torch.randn(2, 9, 32))
 
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vit.eager import runs_eagerly
+from vit.errors import ConfigError
 
 ENV_SWITCH = "VIT_CPU_LINEAR"
 MIN_ROWS = 8192
@@ -53,7 +54,7 @@ def enabled() -> bool:
     """Whether large float32 products take oneDNN: ``VIT_CPU_LINEAR=1`` and :func:`available`."""
     choice = os.environ.get(ENV_SWITCH, "")
     if choice not in ("", "0", "1"):
-        raise ValueError(
+        raise ConfigError(
             f"{ENV_SWITCH}={choice!r} is not a choice: set it to 1 (large float32 linear layers "
             "through oneDNN) or to 0, or leave it unset (torch's F.linear, through MKL)."
         )
