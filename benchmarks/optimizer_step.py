@@ -6,7 +6,9 @@ Three optimisers train copies of the recipe's model (its shape from the config's
 section): AdamW on every parameter (the baseline), ``vit.optimizers.MuonWithAdamW`` (Muon's
 Newton-Schulz iterations in bfloat16 where the hardware has bf16 units, else fp32, with the
 matrices of one shape as one batch), and ``torch.optim.Muon`` with AdamW (its iterations always
-in bfloat16, one matrix at a time). Each repeat times ``--steps`` steps of each in turn; the
+in bfloat16, one matrix at a time). The first two run twice: with torch's default AdamW update
+(one parameter at a time on a CPU) and with its fused one (``fused=True``, one kernel), as
+``vit.lit`` trains. Each repeat times ``--steps`` steps of each in turn; the
 median milliseconds per step and the ratio to AdamW's are printed.
 """
 
@@ -49,10 +51,11 @@ def build(model_options: dict, optimizer: str) -> tuple[torch.nn.Module, torch.o
     lr = float(model_options.get("lr", 1e-3))
     matrices = [p for n, p in model.named_parameters() if is_encoder_matrix(n, p)]
     rest = [p for n, p in model.named_parameters() if not is_encoder_matrix(n, p)]
-    if optimizer == "adamw":
-        return model, torch.optim.AdamW(model.parameters(), lr=lr)
-    if optimizer == "muon":
-        return model, MuonWithAdamW(matrices, rest, lr=lr)
+    fused = optimizer.endswith("(fused AdamW)")
+    if optimizer.startswith("adamw"):
+        return model, torch.optim.AdamW(model.parameters(), lr=lr, fused=fused)
+    if optimizer.startswith("muon"):
+        return model, MuonWithAdamW(matrices, rest, lr=lr, fused=fused)
     return model, TorchMuonWithAdamW(matrices, rest, lr=lr)
 
 
@@ -66,7 +69,8 @@ def main() -> None:
 
     model_options = yaml.safe_load(args.config.read_text()).get("model", {})
     images, labels = torch.randn(args.batch_size, 3, 32, 32), torch.randint(0, 10, (args.batch_size,))
-    names = ["adamw", "muon"] + (["torch.optim.Muon"] if hasattr(torch.optim, "Muon") else [])
+    names = ["adamw", "adamw (fused AdamW)", "muon", "muon (fused AdamW)"]
+    names += ["torch.optim.Muon"] if hasattr(torch.optim, "Muon") else []
     runs = {name: build(model_options, name) for name in names}
 
     def step(name: str) -> None:
@@ -90,7 +94,7 @@ def main() -> None:
           f"median of {args.repeats} repeats of {args.steps} steps")
     for name, measured in times.items():
         median = statistics.median(measured)
-        print(f"{name:>18}: {median:7.1f} ms/step   {median / baseline:5.2f} x AdamW's")
+        print(f"{name:>19}: {median:7.1f} ms/step   {median / baseline:5.2f} x AdamW's")
 
 
 if __name__ == "__main__":

@@ -3,19 +3,19 @@
     python -m benchmarks.throughput --variants tiny small --repeats 5
     python -m benchmarks.throughput --device cuda --precision bf16 --batch-size 128
 
-Both models get identical weights. Each repeat times ``--steps`` steps of ours, then of timm's
-(interleaved, so that the machine's noise hits both alike); the median images/s of each and
-their ratio are printed, with the achieved GFLOP/s of a training step against this machine's
-fp32 matmul rate measured in the same run (the best of its measurements before and after every
-row: the ceiling). FLOPs are those each model executes: ours skips the last block's work on
-every token but CLS, so it runs fewer for the same logits. On a GPU
-the timers wait for the device, and ``--precision bf16`` runs both models under bf16 autocast
-(the matmul rate is then measured in bf16). Both models share one process, which keeps freed
-memory as ``train.py`` does (``vit.allocator``; ``python -m benchmarks.allocator`` measures it).
-On x86-64 Linux ours attends through its own CPU kernel (``vit.cpu_attention``;
-``VIT_CPU_ATTENTION=0`` times it without), and with ``VIT_CPU_LINEAR=1`` runs its large linear
-layers through oneDNN (``vit.cpu_linear``; the header says which library); FLOPs are counted on
-torch's operators, the same arithmetic.
+Both models get identical weights and the same optimiser (AdamW's fused update, as ``train.py``
+trains). Each repeat times ``--steps`` steps of ours, then of timm's (interleaved, so that the
+machine's noise hits both alike); the median images/s of each and their ratio are printed, with the
+achieved GFLOP/s of a training step against this machine's fp32 matmul rate measured in the same
+run (the best of its measurements before and after every row: the ceiling). FLOPs are those each
+model executes: ours skips the last block's work on every token but CLS, so it runs fewer for the
+same logits. On a GPU the timers wait for the device, and ``--precision bf16`` runs both models
+under bf16 autocast (the matmul rate is then measured in bf16). Both models share one process,
+which keeps freed memory as ``train.py`` does (``vit.allocator``;
+``python -m benchmarks.allocator`` measures it). On x86-64 Linux ours attends through its own CPU
+kernel (``vit.cpu_attention``; ``VIT_CPU_ATTENTION=0`` times it without), and with
+``VIT_CPU_LINEAR=1`` runs its large linear layers through oneDNN (``vit.cpu_linear``; the header
+says which library); FLOPs are counted on torch's operators, the same arithmetic.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def train_step_fn(
     model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     autocast: Callable[[], contextlib.AbstractContextManager],
 ) -> Callable[[], None]:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=images.is_cuda)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as vit.lit trains
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)

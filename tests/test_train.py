@@ -95,6 +95,20 @@ def test_fit_in_bf16_mixed_precision_and_a_warning_where_the_cpu_emulates_bf16(
     assert all(p.dtype == torch.float32 for p in cli.model.parameters())  # bf16 in compute only
 
 
+@pytest.mark.parametrize(
+    ("extra", "fused"),
+    [((), True), (("--trainer.gradient_clip_val", "1.0"), True),
+     (("--trainer.gradient_clip_val", "1.0", "--trainer.precision", "bf16-mixed"), False)],
+)
+def test_adamw_is_fused_unless_lightning_clips_gradients_in_mixed_precision(
+    tmp_path: Path, monkeypatch, extra: tuple[str, ...], fused: bool
+) -> None:
+    monkeypatch.setattr("vit.cli.has_bf16_units", lambda device: True)
+    cli = fit(tmp_path, *extra, "--test_after_fit", "false")
+    assert cli.trainer.global_step == 4
+    assert cli.trainer.optimizers[0].defaults["fused"] is fused
+
+
 def test_resuming_keeps_the_optimiser_and_another_one_is_refused(tmp_path: Path, image_spec: dict) -> None:
     cli = fit(tmp_path, "--model.optimizer", "muon", "--test_after_fit", "false")
     last = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"

@@ -146,7 +146,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         lr: Learning rate of both.
         betas: AdamW's moment coefficients.
         momentum: Muon's momentum.
-        fused: AdamW's single-kernel update (GPU only).
+        fused: AdamW's single-kernel update (``torch.optim.AdamW``'s ``fused``).
     """
 
     def __init__(
