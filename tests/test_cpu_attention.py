@@ -119,6 +119,44 @@ def test_the_attention_layer_uses_the_kernel_and_matches_torchs(
         torch.testing.assert_close(mine, reference, atol=1e-4, rtol=1e-4)
 
 
+def test_the_operators_pass_torchs_checks() -> None:
+    """Schema, shapes without data (what ``torch.compile`` traces with) and autograd, by
+    ``torch.library.opcheck``."""
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 9, 3 * 32, requires_grad=True)
+    torch.library.opcheck(torch.ops.vit.attention, (qkv, 4, 0.25, True))
+    q, kv = torch.randn(2, 1, 32, requires_grad=True), torch.randn(2, 9, 64, requires_grad=True)
+    torch.library.opcheck(torch.ops.vit.attention_of_queries, (q, kv, 4, 0.25, True))
+
+
+@pytest.mark.parametrize("cls_only", [False, True])
+def test_torch_compile_keeps_the_kernel_and_export_leaves_it_out(cls_only: bool) -> None:
+    torch.manual_seed(0)
+    layer = Attention(32, 2).train()
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    traced = []
+
+    def recording_backend(graph_module: torch.fx.GraphModule, example_inputs: list) -> object:
+        traced.extend(str(node.target) for node in graph_module.graph.nodes)
+        return graph_module.forward
+
+    torch.compile(layer, backend=recording_backend, fullgraph=True)(x, cls_only=cls_only)
+    assert f"vit.{'attention_of_queries' if cls_only else 'attention'}.default" in traced
+
+    # forward and backward through AOT autograd, as the default compiler runs them
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    ours = compiled(x, cls_only=cls_only)
+    our_grads = torch.autograd.grad(ours.square().sum(), [x, *layer.parameters()])
+    eager = layer(x, cls_only=cls_only)
+    eager_grads = torch.autograd.grad(eager.square().sum(), [x, *layer.parameters()])
+    torch.testing.assert_close(ours, eager)
+    for mine, reference in zip(our_grads, eager_grads):
+        torch.testing.assert_close(mine, reference)
+
+    exported = torch.export.export(layer.eval(), (x.detach(),), {"cls_only": cls_only})
+    assert not any("vit." in str(node.target) for node in exported.graph.nodes)
+
+
 def test_mismatched_inputs_are_refused_with_their_shapes() -> None:
     shapes = r"queries \[2, 1, 64\] and keys/values \[2, 9, 100\] do not fit 4 heads"
     with pytest.raises(RuntimeError, match=shapes):

@@ -14,6 +14,12 @@ The kernel is compiled on first use (about 25 s, then cached by torch under
 ``~/.cache/torch_extensions``) and needs an x86-64 Linux machine with a C++ compiler, and a torch
 built with MKL (the pip wheels are). Where any of that is missing, or ``VIT_CPU_ATTENTION=0`` is
 set, ``vit.attention.Attention`` uses ``F.scaled_dot_product_attention`` as before.
+
+The kernel is registered as torch operators (``torch.ops.vit.attention`` and
+``torch.ops.vit.attention_of_queries``, with their backwards), so ``torch.compile``
+(``--model.compile true``) keeps it and compiles the rest of the model around it. While torch
+exports the model (``torch.export``, ONNX), the layer uses torch's attention, so that the exported
+graph runs without this project.
 """
 
 from __future__ import annotations
@@ -99,12 +105,29 @@ def extension() -> ModuleType | None:
         torch_log.setLevel(level)
 
 
+def may_run() -> bool:
+    """Whether the kernel may run now: in eager execution, and inside ``torch.compile``, which
+    sees it as the registered operators below and compiles the rest of the model around them.
+
+    Not while torch exports the model (``torch.export``, ONNX): an exported graph must run
+    without this project. Not under a tensor dispatch mode such as ``FlopCounterMode``, which
+    counts torch's attention and not this kernel, nor while TorchScript traces or scripts.
+    """
+    if torch.compiler.is_compiling():
+        return not torch.compiler.is_exporting() and not torch.onnx.is_in_onnx_export()
+    return runs_eagerly()
+
+
+@torch.compiler.assume_constant_result
+def _built() -> bool:
+    """Whether the kernel is built (``torch.compile`` takes the answer as a constant)."""
+    return extension() is not None
+
+
 def usable(projection: torch.Tensor, dropout_p: float) -> bool:
     """Whether this kernel can attend over the keys and values of ``projection`` (B, N, width).
 
-    A bfloat16 projection only while training: torch's kernel infers as fast in bfloat16. Not
-    while a tensor dispatch mode such as ``FlopCounterMode`` watches, which sees torch's
-    operators and not this kernel, nor while torch compiles, traces or exports the model.
+    A bfloat16 projection only while training: torch's kernel infers as fast in bfloat16.
     """
     trains_in_bf16 = projection.dtype == torch.bfloat16 and projection.requires_grad
     return (
@@ -112,40 +135,108 @@ def usable(projection: torch.Tensor, dropout_p: float) -> bool:
         and (projection.dtype == torch.float32 or trains_in_bf16)
         and dropout_p == 0.0
         and projection.shape[1] <= MAX_TOKENS
-        and runs_eagerly()
-        and extension() is not None
+        and may_run()
+        and _built()
     )
 
 
-class _FusedAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
-        out, weights = extension().fused_forward(qkv, heads, scale, True)
-        ctx.save_for_backward(qkv, weights)
-        ctx.heads, ctx.scale = heads, scale
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        qkv, weights = ctx.saved_tensors
-        return extension().fused_backward(grad_out, qkv, weights, ctx.heads, ctx.scale), None, None
+# The kernel as torch operators (``torch.ops.vit.*``), so that autograd and ``torch.compile``
+# treat it as they treat torch's own: the forwards return the output and the attention weights
+# (an empty tensor when not kept), the backwards the gradients of the projections.
 
 
-class _SplitAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx, q: torch.Tensor, kv: torch.Tensor, heads: int, scale: float
-    ) -> torch.Tensor:
-        out, weights = extension().split_forward(q, kv, heads, scale, True)
-        ctx.save_for_backward(q, kv, weights)
-        ctx.heads, ctx.scale = heads, scale
-        return out
+@torch.library.custom_op("vit::attention", mutates_args=())
+def _attention_op(
+    qkv: torch.Tensor, heads: int, scale: float, keep_weights: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out, weights = extension().fused_forward(qkv, heads, scale, keep_weights)
+    return out, weights
 
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
-        q, kv, weights = ctx.saved_tensors
-        grad_q, grad_kv = extension().split_backward(grad_out, q, kv, weights, ctx.heads, ctx.scale)
-        return grad_q, grad_kv, None, None
+
+@_attention_op.register_fake
+def _attention_shapes(
+    qkv: torch.Tensor, heads: int, scale: float, keep_weights: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, tokens, width = qkv.shape
+    weights = (batch, heads, tokens, tokens) if keep_weights else (0,)
+    return qkv.new_empty(batch, tokens, width // 3), qkv.new_empty(weights)
+
+
+@torch.library.custom_op("vit::attention_backward", mutates_args=())
+def _attention_backward_op(
+    grad_out: torch.Tensor, qkv: torch.Tensor, weights: torch.Tensor, heads: int, scale: float
+) -> torch.Tensor:
+    return extension().fused_backward(grad_out, qkv, weights, heads, scale)
+
+
+@_attention_backward_op.register_fake
+def _attention_backward_shapes(
+    grad_out: torch.Tensor, qkv: torch.Tensor, weights: torch.Tensor, heads: int, scale: float
+) -> torch.Tensor:
+    return torch.empty_like(qkv)
+
+
+def _keep_for_attention_backward(ctx, inputs: tuple, output: tuple) -> None:
+    qkv, heads, scale, _ = inputs
+    ctx.save_for_backward(qkv, output[1])
+    ctx.heads, ctx.scale = heads, scale
+
+
+def _attention_backward(ctx, grad_out: torch.Tensor, _: torch.Tensor) -> tuple:
+    qkv, weights = ctx.saved_tensors
+    return _attention_backward_op(grad_out, qkv, weights, ctx.heads, ctx.scale), None, None, None
+
+
+_attention_op.register_autograd(_attention_backward, setup_context=_keep_for_attention_backward)
+
+
+@torch.library.custom_op("vit::attention_of_queries", mutates_args=())
+def _queries_op(
+    q: torch.Tensor, kv: torch.Tensor, heads: int, scale: float, keep_weights: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out, weights = extension().split_forward(q, kv, heads, scale, keep_weights)
+    return out, weights
+
+
+@_queries_op.register_fake
+def _queries_shapes(
+    q: torch.Tensor, kv: torch.Tensor, heads: int, scale: float, keep_weights: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, queries, _ = q.shape
+    weights = (batch, heads, queries, kv.shape[1]) if keep_weights else (0,)
+    return torch.empty_like(q), q.new_empty(weights)
+
+
+@torch.library.custom_op("vit::attention_of_queries_backward", mutates_args=())
+def _queries_backward_op(
+    grad_out: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, weights: torch.Tensor, heads: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    grad_q, grad_kv = extension().split_backward(grad_out, q, kv, weights, heads, scale)
+    return grad_q, grad_kv
+
+
+@_queries_backward_op.register_fake
+def _queries_backward_shapes(
+    grad_out: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, weights: torch.Tensor, heads: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(q), torch.empty_like(kv)
+
+
+def _keep_for_queries_backward(ctx, inputs: tuple, output: tuple) -> None:
+    q, kv, heads, scale, _ = inputs
+    ctx.save_for_backward(q, kv, output[1])
+    ctx.heads, ctx.scale = heads, scale
+
+
+def _queries_backward(ctx, grad_out: torch.Tensor, _: torch.Tensor) -> tuple:
+    q, kv, weights = ctx.saved_tensors
+    grad_q, grad_kv = _queries_backward_op(grad_out, q, kv, weights, ctx.heads, ctx.scale)
+    return grad_q, grad_kv, None, None, None
+
+
+_queries_op.register_autograd(_queries_backward, setup_context=_keep_for_queries_backward)
 
 
 def _as_float(tensor: torch.Tensor) -> torch.Tensor:
@@ -161,10 +252,7 @@ def attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
     """
     scale = (qkv.shape[-1] // (3 * heads)) ** -0.5
     fused = _as_float(qkv)
-    if torch.is_grad_enabled() and fused.requires_grad:
-        out = _FusedAttention.apply(fused, heads, scale)
-    else:
-        out, _ = extension().fused_forward(fused, heads, scale, False)
+    out, _ = _attention_op(fused, heads, scale, torch.is_grad_enabled() and fused.requires_grad)
     return out.to(qkv.dtype)
 
 
@@ -173,8 +261,6 @@ def attention_of_queries(q: torch.Tensor, kv: torch.Tensor, heads: int) -> torch
     (B, N, 2 * H * D): the CLS-only last block, whose one query attends over every token."""
     scale = (kv.shape[-1] // (2 * heads)) ** -0.5
     queries, keys_values = _as_float(q), _as_float(kv)
-    if torch.is_grad_enabled() and (queries.requires_grad or keys_values.requires_grad):
-        out = _SplitAttention.apply(queries, keys_values, heads, scale)
-    else:
-        out, _ = extension().split_forward(queries, keys_values, heads, scale, False)
+    keep = torch.is_grad_enabled() and (queries.requires_grad or keys_values.requires_grad)
+    out, _ = _queries_op(queries, keys_values, heads, scale, keep)
     return out.to(q.dtype)

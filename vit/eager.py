@@ -3,7 +3,8 @@
 ``vit.cpu_attention`` and ``vit.cpu_linear`` call code torch cannot see into (a C++ extension,
 a private oneDNN operator). While torch compiles, traces, scripts or exports the model, or a
 tensor dispatch mode such as ``FlopCounterMode`` watches, the model must run torch's own
-operators instead, which those tools understand.
+operators instead, which those tools understand; ``vit.cpu_attention`` registers its kernel as
+torch operators and so also runs inside ``torch.compile``.
 """
 
 from __future__ import annotations
