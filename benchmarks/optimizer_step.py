@@ -8,8 +8,8 @@ Newton-Schulz iterations in bfloat16 where the hardware has bf16 units, else fp3
 matrices of one shape as one batch), and ``torch.optim.Muon`` with AdamW (its iterations always
 in bfloat16, one matrix at a time). The first two run twice: with torch's default AdamW update
 (one parameter at a time on a CPU) and with its fused one (``fused=True``, one kernel), as
-``vit.lit`` trains. Each repeat times ``--steps`` steps of each in turn; the
-median milliseconds per step and the ratio to AdamW's are printed.
+``vit.lit`` trains. Each repeat times ``--steps`` steps of each in turn; the median milliseconds
+per step and the ratio to AdamW's are printed.
 """
 
 from __future__ import annotations

@@ -28,10 +28,8 @@ def fuses_adamw(trainer: L.Trainer, device: torch.device) -> bool:
     Not where the trainer clips gradients in mixed precision: Lightning refuses to clip for an
     optimiser that unscales its own gradients, as the fused AdamW does.
     """
-    clips_in_mixed_precision = bool(trainer.gradient_clip_val) and str(trainer.precision).endswith(
-        "-mixed"
-    )
-    return device.type in ("cpu", "cuda") and not clips_in_mixed_precision
+    mixed_precision = str(trainer.precision).endswith("-mixed")  # "16-mixed", "bf16-mixed"
+    return device.type in ("cpu", "cuda") and not (trainer.gradient_clip_val and mixed_precision)
 
 
 def _divisors(n: int) -> str:
