@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from vit.checkpoint import CheckpointError, load_weights_file
 from vit.cli import main
 from vit.errors import ConfigError
 from vit.lit import Classifier
+from vit.model import ImageClassifier, encoder_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_FIT = [
@@ -133,6 +135,22 @@ def test_compiled_model_computes_the_same_and_saves_the_same_keys(image_spec: di
     images = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(compiled(images), eager(images), rtol=1e-4, atol=1e-5)
+
+
+def test_a_compiled_model_trains_at_a_second_image_size() -> None:
+    """After a first size, the compiled shapes turn symbolic; the positions resampled for the
+    lower-resolution phase still train, and as in eager mode."""
+    torch.manual_seed(0)
+    eager = ImageClassifier(image_size=32, patch_size=4, num_classes=10, encoder=encoder_config("nano"))
+    compiled = copy.deepcopy(eager)
+    run = torch.compile(compiled, backend="aot_eager")  # AOT autograd's tracing, as inductor's
+    with torch.no_grad():
+        run(torch.randn(2, 3, 32, 32))  # validation at full size first, as Lightning's check does
+    for size in (24, 16):
+        images = torch.randn(2, 3, size, size)
+        run(images).square().mean().backward()
+        eager(images).square().mean().backward()
+    torch.testing.assert_close(compiled.pos_embed.grad, eager.pos_embed.grad)
 
 
 def test_init_from_timm_safetensors_at_another_image_size(tmp_path: Path) -> None:

@@ -67,11 +67,15 @@ class TokenEmbed(nn.Embedding):
         self.pad_id = pad_id
 
 
+@torch.compiler.disable
 def resample_pos_embed(pos_embed: torch.Tensor, grid_size: int) -> torch.Tensor:
     """Resize an image model's (1, 1 + g*g, D) positional embedding to a new patch grid.
 
     The CLS position is kept; the g x g grid is resampled bicubically, as timm does when
-    weights trained at one image size are used at another.
+    weights trained at one image size are used at another. Always eagerly, outside
+    ``torch.compile``'s graph: once a second image size makes the compiled model's shapes
+    symbolic, torch cannot trace the backward of its antialiased bicubic resize (an internal
+    assert in torch 2.14).
     """
     old_grid = round((pos_embed.shape[1] - 1) ** 0.5)
     if old_grid == grid_size:
