@@ -41,7 +41,11 @@ class TorchMuonWithAdamW(torch.optim.Optimizer):
         self.adamw.step()
 
 
-def build(model_options: dict, optimizer: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def build(
+    model_options: dict, optimizer: str, fused: bool = False
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A copy of the recipe's model and ``optimizer`` ("adamw", "muon" or "torch.optim.Muon") for
+    it; ``fused``: AdamW's fused update."""
     torch.manual_seed(0)
     shape = {k: model_options[k] for k in ("embed_dim", "depth", "num_heads", "mlp_ratio") if k in model_options}
     model = ImageClassifier(
@@ -51,10 +55,9 @@ def build(model_options: dict, optimizer: str) -> tuple[torch.nn.Module, torch.o
     lr = float(model_options.get("lr", 1e-3))
     matrices = [p for n, p in model.named_parameters() if is_encoder_matrix(n, p)]
     rest = [p for n, p in model.named_parameters() if not is_encoder_matrix(n, p)]
-    fused = optimizer.endswith("(fused AdamW)")
-    if optimizer.startswith("adamw"):
+    if optimizer == "adamw":
         return model, torch.optim.AdamW(model.parameters(), lr=lr, fused=fused)
-    if optimizer.startswith("muon"):
+    if optimizer == "muon":
         return model, MuonWithAdamW(matrices, rest, lr=lr, fused=fused)
     return model, TorchMuonWithAdamW(matrices, rest, lr=lr)
 
@@ -69,9 +72,11 @@ def main() -> None:
 
     model_options = yaml.safe_load(args.config.read_text()).get("model", {})
     images, labels = torch.randn(args.batch_size, 3, 32, 32), torch.randint(0, 10, (args.batch_size,))
-    names = ["adamw", "adamw (fused AdamW)", "muon", "muon (fused AdamW)"]
-    names += ["torch.optim.Muon"] if hasattr(torch.optim, "Muon") else []
-    runs = {name: build(model_options, name) for name in names}
+    choices = {"adamw": ("adamw", False), "adamw (fused AdamW)": ("adamw", True),
+               "muon": ("muon", False), "muon (fused AdamW)": ("muon", True)}
+    if hasattr(torch.optim, "Muon"):
+        choices["torch.optim.Muon"] = ("torch.optim.Muon", False)
+    runs = {label: build(model_options, *choice) for label, choice in choices.items()}
 
     def step(name: str) -> None:
         model, optimizer = runs[name]

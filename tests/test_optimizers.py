@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks.optimizer_step import build
+from conftest import run_benchmark
 from vit.optimizers import Muon, MuonWithAdamW, orthogonalise
 
 
@@ -129,3 +131,14 @@ def test_an_adamw_state_is_refused_with_a_clear_message() -> None:
     adamw_state = torch.optim.AdamW(model.parameters()).state_dict()
     with pytest.raises(ValueError, match="not saved by MuonWithAdamW"):
         MuonWithAdamW(*split(model), lr=0.01).load_state_dict(adamw_state)
+
+
+def test_the_step_benchmark_times_each_optimiser_fused_and_not() -> None:
+    done = run_benchmark("optimizer_step", "--steps", "1", "--repeats", "1")
+    assert done.returncode == 0, done.stderr
+    labels = [line.split(":")[0].strip() for line in done.stdout.splitlines() if "ms/step" in line]
+    assert labels[:4] == ["adamw", "adamw (fused AdamW)", "muon", "muon (fused AdamW)"]
+    assert "1.00 x AdamW's" in done.stdout.splitlines()[1]
+    assert build({}, "adamw", fused=True)[1].defaults["fused"]
+    assert build({}, "muon", fused=True)[1].adamw.defaults["fused"]
+    assert not build({}, "muon")[1].adamw.defaults["fused"]
