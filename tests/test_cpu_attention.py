@@ -129,6 +129,25 @@ def test_the_operators_pass_torchs_checks() -> None:
     torch.library.opcheck(torch.ops.vit.attention_of_queries, (q, kv, 4, 0.25, True))
 
 
+@pytest.mark.parametrize("queries", ["every token (fused q, k, v)", "their own"])
+def test_the_kept_weights_take_no_gradient(queries: str) -> None:
+    """The operators return the attention weights for their backward only: autograd must not
+    hand the backward a zero-filled (B, H, N, N) gradient for them."""
+    if queries == "their own":
+        q, kv = torch.randn(2, 9, 32), torch.randn(2, 9, 2 * 32, requires_grad=True)
+        out, weights = torch.ops.vit.attention_of_queries(q, kv, 4, 0.25, True)
+    else:
+        kv = torch.randn(2, 9, 3 * 32, requires_grad=True)
+        out, weights = torch.ops.vit.attention(kv, 4, 0.25, True)
+    assert weights.shape == (2, 4, 9, 9) and not weights.requires_grad and out.requires_grad
+    with torch.profiler.profile(record_shapes=True) as profile:
+        out.sum().backward()
+    filled = [event.input_shapes[0] for event in profile.events()
+              if event.name in ("aten::fill_", "aten::zero_") and event.input_shapes]
+    assert [2, 4, 9, 9] not in filled
+    assert kv.grad is not None and kv.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("cls_only", [False, True])
 def test_torch_compile_keeps_the_kernel_and_export_leaves_it_out(cls_only: bool) -> None:
     torch.manual_seed(0)

@@ -176,10 +176,18 @@ def _attention_backward_shapes(
     return torch.empty_like(qkv)
 
 
+def _no_gradient_for_the_weights(ctx, weights: torch.Tensor) -> None:
+    """The kept weights are an output for the backward's sake only: without this, autograd
+    would hand the backward a zero-filled (B, H, N, N) gradient for them at every call."""
+    ctx.mark_non_differentiable(weights)
+    ctx.set_materialize_grads(False)
+
+
 def _keep_for_attention_backward(ctx, inputs: tuple, output: tuple) -> None:
     qkv, heads, scale, _ = inputs
     ctx.save_for_backward(qkv, output[1])
     ctx.heads, ctx.scale = heads, scale
+    _no_gradient_for_the_weights(ctx, output[1])
 
 
 def _attention_backward(ctx, grad_out: torch.Tensor, _: torch.Tensor) -> tuple:
@@ -228,6 +236,7 @@ def _keep_for_queries_backward(ctx, inputs: tuple, output: tuple) -> None:
     q, kv, heads, scale, _ = inputs
     ctx.save_for_backward(q, kv, output[1])
     ctx.heads, ctx.scale = heads, scale
+    _no_gradient_for_the_weights(ctx, output[1])
 
 
 def _queries_backward(ctx, grad_out: torch.Tensor, _: torch.Tensor) -> tuple:
