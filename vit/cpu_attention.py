@@ -190,7 +190,7 @@ def _keep_for_attention_backward(ctx, inputs: tuple, output: tuple) -> None:
     _no_gradient_for_the_weights(ctx, output[1])
 
 
-def _attention_backward(ctx, grad_out: torch.Tensor, _: torch.Tensor) -> tuple:
+def _attention_backward(ctx, grad_out: torch.Tensor, _: None) -> tuple:
     qkv, weights = ctx.saved_tensors
     return _attention_backward_op(grad_out, qkv, weights, ctx.heads, ctx.scale), None, None, None
 
@@ -239,7 +239,7 @@ def _keep_for_queries_backward(ctx, inputs: tuple, output: tuple) -> None:
     _no_gradient_for_the_weights(ctx, output[1])
 
 
-def _queries_backward(ctx, grad_out: torch.Tensor, _: torch.Tensor) -> tuple:
+def _queries_backward(ctx, grad_out: torch.Tensor, _: None) -> tuple:
     q, kv, weights = ctx.saved_tensors
     grad_q, grad_kv = _queries_backward_op(grad_out, q, kv, weights, ctx.heads, ctx.scale)
     return grad_q, grad_kv, None, None, None
