@@ -2,16 +2,25 @@
 
     python -m benchmarks.augmentation --threads 1
     python -m benchmarks.augmentation --device cuda
+    python -m benchmarks.augmentation --root ../shared/data/cifar10-jpeg --loader-workers 0 2 --step-ms 30
 
 Three functions on the same uint8 batch, timed in alternation (median of the repeats): torchvision's
 ``v2.AutoAugment`` applied image by image (the baseline), ``vit.augment.auto_augment`` (the same
 policy, images grouped by operation), and the whole training augmentation of
 ``configs/cifar10.yaml`` (AutoAugment, crop, flip, normalise, random erasing, mixup or CutMix).
+
+With ``--root``, then the training batches of ``vit.data.ImageDataModule`` with that recipe's
+augmentation, for each ``--loader-workers`` count: the loop draws a batch, finishes its
+augmentation as the training loop does, and sleeps ``--step-ms`` in place of a device's training
+step (during which the CPU is free, as while a GPU computes). Printed per batch: the wall time
+beyond the step (what the data costs the loop) and the training process's own CPU time (its
+threads, not the workers'), medians of ``--repeats`` passes of ``--batches`` batches.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -20,6 +29,7 @@ import torch
 from torchvision.transforms import v2
 
 from benchmarks.throughput import parse_device, synchronize
+from vit.data import ImageDataModule
 from vit.augment import (
     auto_augment,
     mixup_or_cutmix,
@@ -30,6 +40,45 @@ from vit.augment import (
 )
 
 
+class _Training:
+    """Stands in for a Trainer in its training loop, so the data module augments."""
+
+    training = True
+
+
+def loader_costs(
+    root: str, workers: int, batch_size: int, batches: int, repeats: int, step_ms: float,
+    device: torch.device,
+) -> tuple[float, float]:
+    """Median ms per batch beyond the stand-in step (wall) and of the loop's own CPU time."""
+    dm = ImageDataModule(root, download=False, batch_size=batch_size, val_fraction=0.1,
+                         auto_augment=True, random_erasing=0.25, mixup_alpha=0.8,
+                         cutmix_alpha=1.0, num_workers=workers)
+    dm.setup("fit")
+    dm.trainer = _Training()
+    loader = iter(dm.train_dataloader())
+    batch_stream = (batch for _ in itertools.count() for batch in loader)
+
+    def one_batch() -> None:
+        batch = next(batch_stream)
+        images, _ = dm.on_after_batch_transfer(
+            tuple(part.to(device) if isinstance(part, torch.Tensor) else part for part in batch), 0
+        )
+        synchronize(device)
+        time.sleep(step_ms / 1000)
+
+    for _ in range(3):  # warm-up: worker start, first batches
+        one_batch()
+    wall, cpu = [], []
+    for _ in range(repeats):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        for _ in range(batches):
+            one_batch()
+        wall.append((time.perf_counter() - start) / batches * 1000 - step_ms)
+        cpu.append((time.process_time() - start_cpu) / batches * 1000)
+    return statistics.median(wall), statistics.median(cpu)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -37,6 +86,13 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=10, help="calls per timed repeat")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads on the CPU")
+    parser.add_argument("--root", default=None,
+                        help="CIFAR-10 or an image folder: also time the training loader")
+    parser.add_argument("--loader-workers", type=int, nargs="+", default=[0, 2],
+                        help="loader worker counts to time (with --root)")
+    parser.add_argument("--step-ms", type=float, default=30.0,
+                        help="the stand-in device step after each batch (with --root)")
+    parser.add_argument("--batches", type=int, default=50, help="batches per pass (with --root)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,6 +141,17 @@ def main() -> None:
     for name, measured in times.items():
         median = statistics.median(measured)
         print(f"| {name} | {median:.2f} | {baseline / median:.2f} |")
+    if args.root is None:
+        return
+    print(f"\ntraining loader of {args.root}, batch {args.batch_size}, the augmentation above, "
+          f"a {args.step_ms:g} ms stand-in step, median of {args.repeats} passes of "
+          f"{args.batches} batches")
+    print("| loader workers | ms per batch beyond the step | training process CPU ms per batch |")
+    print("|---|---|---|")
+    for workers in args.loader_workers:
+        wall, cpu = loader_costs(args.root, workers, args.batch_size, args.batches, args.repeats,
+                                 args.step_ms, device)
+        print(f"| {workers} | {wall:.2f} | {cpu:.2f} |")
 
 
 if __name__ == "__main__":

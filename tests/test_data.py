@@ -191,6 +191,41 @@ def test_a_resumed_epoch_draws_the_batches_and_augmentations_an_uninterrupted_on
     assert resumed.state_dict() == {"epoch": 1, "batches": 14}
 
 
+def test_loader_workers_augment_the_same_batches_as_the_device_and_resume_alike(sample_root: Path) -> None:
+    class Training:  # stands in for a Trainer in its training loop
+        training = True
+
+    options = dict(download=False, batch_size=64, auto_augment=True, random_erasing=0.5,
+                   mixup_alpha=0.8, cutmix_alpha=1.0)
+
+    def epoch_batches(num_workers: int, resume_at: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        dm = ImageDataModule(str(sample_root), num_workers=num_workers, **options)
+        dm.setup("fit")
+        dm.load_state_dict({"epoch": 1, "batches": resume_at})
+        dm.trainer = Training()
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(1)  # as Lightning does before each epoch
+        batches = []
+        for batch in loader:
+            assert len(batch) == (3 if num_workers else 2)  # workers send their generator's state
+            batches.append(dm.on_after_batch_transfer(batch, 0))
+        assert dm.state_dict() == {"epoch": 1, "batches": 14}
+        return batches
+
+    on_device, in_workers = epoch_batches(0), epoch_batches(2)
+    assert len(on_device) == len(in_workers) == 14
+    for (images, targets), (worker_images, worker_targets) in zip(on_device, in_workers):
+        assert torch.equal(images, worker_images) and torch.equal(targets, worker_targets)
+    resumed = epoch_batches(2, resume_at=5)
+    assert len(resumed) == 9
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(resumed, on_device[5:]))
+
+
+def test_negative_worker_count_is_named(sample_root: Path) -> None:
+    with pytest.raises(ConfigError, match=re.escape("--data.num_workers must be 0 (no worker processes) or more, got -1")):
+        ImageDataModule(str(sample_root), download=False, num_workers=-1)
+
+
 def test_random_erasing_fills_one_clipped_rectangle_in_the_chosen_images() -> None:
     images = torch.zeros(200, 3, 32, 32)
     erased = random_erasing(images, 0.5, torch.Generator().manual_seed(1))

@@ -61,9 +61,11 @@ def test_the_test_after_fit_scores_the_best_or_the_last_weights_as_asked(tmp_pat
     assert state["global_step"] == 8 and "test/acc" in last.trainer.callback_metrics
 
 
-def test_fit_with_every_augmentation_learns_from_label_mixtures(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["0", "2"])  # augmented on the device, or partly in workers
+def test_fit_with_every_augmentation_learns_from_label_mixtures(tmp_path: Path, workers: str) -> None:
     cli = fit(tmp_path, "--data.init_args.auto_augment", "true", "--data.init_args.random_erasing",
-              "0.25", "--data.init_args.mixup_alpha", "0.8", "--data.init_args.cutmix_alpha", "1.0")
+              "0.25", "--data.init_args.mixup_alpha", "0.8", "--data.init_args.cutmix_alpha", "1.0",
+              "--data.init_args.num_workers", workers)
     rows = list(csv.DictReader(open(Path(cli.trainer.log_dir) / "metrics.csv")))
     losses = [float(r["train/loss_epoch"]) for r in rows if r.get("train/loss_epoch")]
     assert cli.trainer.global_step == 4 and losses and all(0 < loss < 10 for loss in losses)

@@ -2,7 +2,10 @@
 
 Every split is decoded once into a uint8 tensor, cached on disk (safetensors, keyed by the
 files it came from) and served in whole batches; augmentation runs on the batch after it
-reaches the device (``vit.augment``), so the training loop never touches PIL.
+reaches the device (``vit.augment``), so the training loop never touches PIL. With loader
+workers (``--data.init_args.num_workers``), the workers run the uint8 part of it instead
+(AutoAugment, crop, flip) on their CPU cores, beside the training step, and the device the
+rest (normalisation, random erasing, mixup, CutMix): the same draws, the same batches.
 
 The order of the training batches and their augmentation are functions of the seed, the
 epoch, the batch and the process's rank alone, never of the global random generator; the
@@ -17,6 +20,7 @@ import json
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -223,8 +227,55 @@ class BatchTensorDataset(torch.utils.data.Dataset):
         return self.images[index], self.labels[index]
 
 
-def _batch_as_is(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch_as_is(batch: tuple) -> tuple:
     return batch
+
+
+def batch_generator(key: tuple[int, int, int, int]) -> torch.Generator:
+    """The CPU generator of a training batch's augmentation, from (seed, rank, epoch, batch)."""
+    seed = np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(seed))
+
+
+@dataclass(frozen=True)
+class Uint8Augmentation:
+    """The augmentations that work on uint8 pixels: AutoAugment, the random crop, the flip.
+
+    They draw first from a batch's generator, before normalisation, random erasing and mixing,
+    so they can run in a loader worker and the device can go on from the generator's state.
+    """
+
+    auto_augment: bool
+    crop_padding: int
+    hflip: bool
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if self.auto_augment:
+            images = auto_augment(images, generator)
+        images = random_crop(images, self.crop_padding, generator)
+        if self.hflip:
+            images = random_hflip(images, generator=generator)
+        return images
+
+
+class AugmentingBatches(BatchTensorDataset):
+    """Training batches augmented where they are drawn (in loader workers): each comes with
+    the state its generator reached, as bytes, which the device's transfer leaves alone.
+
+    Indices come from an ``EpochSampler`` with a ``batch_size``: (batch key, index) pairs.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, augment: Uint8Augmentation) -> None:
+        super().__init__(images, labels)
+        self.augment = augment
+
+    def __getitems__(  # type: ignore[override]
+        self, keyed_indices: list[tuple[tuple[int, int, int, int], int]]
+    ) -> tuple[torch.Tensor, torch.Tensor, bytes]:
+        images, labels = super().__getitems__([index for _, index in keyed_indices])
+        generator = batch_generator(keyed_indices[0][0])
+        images = self.augment(images, generator)
+        return images, labels, generator.get_state().numpy().tobytes()
 
 
 class EpochSampler(DistributedSampler):
@@ -232,27 +283,38 @@ class EpochSampler(DistributedSampler):
 
     A ``DistributedSampler`` (of one replica when training is not distributed), so that
     Lightning keeps it under DDP instead of replacing it, and calls ``set_epoch`` before each
-    epoch. ``resume`` makes the next pass start part-way through an epoch's order.
+    epoch. ``resume`` makes the next pass start part-way through an epoch's order. Given a
+    ``batch_size``, it yields (key, index) pairs instead of indices, the key (seed, rank, epoch,
+    batch number) naming the batch the index falls in, for workers that augment (see
+    ``AugmentingBatches``).
     """
 
     def __init__(
-        self, dataset: BatchTensorDataset, *, num_replicas: int = 1, rank: int = 0, seed: int = 0
+        self, dataset: BatchTensorDataset, *, num_replicas: int = 1, rank: int = 0, seed: int = 0,
+        batch_size: int | None = None,
     ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.batch_size = batch_size
         self._resume: tuple[int, int] | None = None
 
     def resume(self, epoch: int, start: int) -> None:
         """Begin the next pass at position ``start`` of the order, if that pass is of ``epoch``."""
         self._resume = (epoch, start)
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[int] | Iterator[tuple[tuple[int, int, int, int], int]]:
         indices = list(super().__iter__())
+        start = 0
         if self._resume is not None:
-            epoch, start = self._resume
+            epoch, resume_at = self._resume
             self._resume = None
             if epoch == self.epoch:
-                indices = indices[start:]
-        return iter(indices)
+                start = resume_at
+        if self.batch_size is None:
+            return iter(indices[start:])
+        return (
+            ((self.seed, self.rank, self.epoch, position // self.batch_size), indices[position])
+            for position in range(start, len(indices))
+        )
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -283,7 +345,11 @@ class ImageDataModule(L.LightningDataModule):
         mean: Per-channel mean used for normalisation, in [0, 1].
         std: Per-channel standard deviation used for normalisation, in [0, 1].
         cache_dir: Where decoded splits are cached; defaults to ``~/.cache/vit``.
-        num_workers: DataLoader worker processes (0 is fastest for in-memory tensors).
+        num_workers: DataLoader worker processes. 0: batches are sliced from memory in the
+            training process and augmented on the device. More: the workers also run
+            AutoAugment, the crop and the flip on their CPU cores while the device trains,
+            which a GPU's small steps would otherwise wait for (AutoAugment launches many
+            small kernels); on a CPU they would share the training's cores.
         seed: Seed of the train/validation split, of the order of training batches and of
             their augmentation.
     """
@@ -332,6 +398,10 @@ class ImageDataModule(L.LightningDataModule):
             )
         if not 0 <= low_res_fraction <= 1:
             raise ConfigError(f"--data.low_res_fraction must be in [0, 1], got {low_res_fraction}.")
+        if num_workers < 0:
+            raise ConfigError(
+                f"--data.num_workers must be 0 (no worker processes) or more, got {num_workers}."
+            )
         self.root = Path(root).expanduser()
         self.download = download
         self.image_size = image_size
@@ -340,6 +410,7 @@ class ImageDataModule(L.LightningDataModule):
         self.crop_padding = crop_padding
         self.hflip = hflip
         self.auto_augment = auto_augment
+        self.uint8_augmentation = Uint8Augmentation(auto_augment, crop_padding, hflip)
         self.random_erasing = random_erasing
         self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
         self.low_res_size, self.low_res_fraction = low_res_size, low_res_fraction
@@ -421,7 +492,13 @@ class ImageDataModule(L.LightningDataModule):
         if shuffle:
             trainer = self.trainer if isinstance(self.trainer, L.Trainer) else None
             rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
-            sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, seed=self.seed)
+            in_workers = self.num_workers > 0
+            if in_workers:
+                dataset = AugmentingBatches(dataset.images, dataset.labels, self.uint8_augmentation)
+            sampler = EpochSampler(
+                dataset, num_replicas=world_size, rank=rank, seed=self.seed,
+                batch_size=self.batch_size if in_workers else None,
+            )
             sampler.resume(self._epoch, self._batches * self.batch_size)
             self._sampler = sampler
         return DataLoader(
@@ -444,21 +521,22 @@ class ImageDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def on_after_batch_transfer(
-        self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int
+        self, batch: tuple[torch.Tensor, ...], dataloader_idx: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Augment (training only) and normalise the uint8 batch on its device.
 
-        With mixup or CutMix on, training labels become (B, classes) label mixtures.
+        A batch from the loader's workers is (images, labels, generator state): the workers
+        ran the uint8 augmentations, and the rest goes on from that state. With mixup or CutMix
+        on, training labels become (B, classes) label mixtures.
         """
-        images, labels = batch
+        images, labels, *worker_state = batch
         if self.trainer is None or not self.trainer.training:
             return normalize(images, self.mean, self.std), labels
         generator = self._next_training_batch()
-        if self.auto_augment:
-            images = auto_augment(images, generator)
-        images = random_crop(images, self.crop_padding, generator)
-        if self.hflip:
-            images = random_hflip(images, generator=generator)
+        if worker_state:
+            generator.set_state(torch.frombuffer(bytearray(worker_state[0]), dtype=torch.uint8))
+        else:
+            images = self.uint8_augmentation(images, generator)
         images = normalize(images, self.mean, self.std)
         if self._in_low_res_phase():
             images = downscale(images, self.low_res_size)
@@ -486,10 +564,9 @@ class ImageDataModule(L.LightningDataModule):
         epoch, rank = self._sampler.epoch, self._sampler.rank  # Lightning sets the epoch
         if epoch != self._epoch:
             self._epoch, self._batches = epoch, 0
-        entropy = [self.seed, rank, epoch, self._batches]
+        key = (self.seed, rank, epoch, self._batches)
         self._batches += 1
-        seed = np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]
-        return torch.Generator().manual_seed(int(seed))
+        return batch_generator(key)
 
     def state_dict(self) -> dict[str, int]:
         """How far training got: the epoch, and how many of its batches were drawn."""
