@@ -5,7 +5,7 @@ files it came from) and served in whole batches; augmentation runs on the batch 
 reaches the device (``vit.augment``), so the training loop never touches PIL. With loader
 workers (``--data.init_args.num_workers``), the workers run the uint8 part of it instead
 (AutoAugment, crop, flip) on their CPU cores, beside the training step, and the device the
-rest (normalisation, random erasing, mixup, CutMix): the same draws, the same batches.
+rest (normalisation, random erasing, mixup, CutMix): the same draws.
 
 The order of the training batches and their augmentation are functions of the seed, the
 epoch, the batch and the process's rank alone, never of the global random generator; the
