@@ -29,7 +29,6 @@ import torch
 from torchvision.transforms import v2
 
 from benchmarks.throughput import parse_device, synchronize
-from vit.data import ImageDataModule
 from vit.augment import (
     auto_augment,
     mixup_or_cutmix,
@@ -38,6 +37,7 @@ from vit.augment import (
     random_erasing,
     random_hflip,
 )
+from vit.data import ImageDataModule
 
 
 class _Training:
@@ -56,12 +56,12 @@ def loader_costs(
                          cutmix_alpha=1.0, num_workers=workers)
     dm.setup("fit")
     dm.trainer = _Training()
-    loader = iter(dm.train_dataloader())
-    batch_stream = (batch for _ in itertools.count() for batch in loader)
+    loader = dm.train_dataloader()
+    batch_stream = (batch for _ in itertools.count() for batch in loader)  # epoch after epoch
 
     def one_batch() -> None:
         batch = next(batch_stream)
-        images, _ = dm.on_after_batch_transfer(
+        dm.on_after_batch_transfer(
             tuple(part.to(device) if isinstance(part, torch.Tensor) else part for part in batch), 0
         )
         synchronize(device)

@@ -198,7 +198,7 @@ def test_loader_workers_augment_the_same_batches_as_the_device_and_resume_alike(
     options = dict(download=False, batch_size=64, auto_augment=True, random_erasing=0.5,
                    mixup_alpha=0.8, cutmix_alpha=1.0)
 
-    def epoch_batches(num_workers: int, resume_at: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch_batches(num_workers: int, resume_at: int = 0) -> list[tuple[torch.Tensor, ...]]:
         dm = ImageDataModule(str(sample_root), num_workers=num_workers, **options)
         dm.setup("fit")
         dm.load_state_dict({"epoch": 1, "batches": resume_at})
@@ -218,11 +218,13 @@ def test_loader_workers_augment_the_same_batches_as_the_device_and_resume_alike(
         assert torch.equal(images, worker_images) and torch.equal(targets, worker_targets)
     resumed = epoch_batches(2, resume_at=5)
     assert len(resumed) == 9
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(resumed, on_device[5:]))
+    for (images, targets), (resumed_images, resumed_targets) in zip(on_device[5:], resumed):
+        assert torch.equal(images, resumed_images) and torch.equal(targets, resumed_targets)
 
 
 def test_negative_worker_count_is_named(sample_root: Path) -> None:
-    with pytest.raises(ConfigError, match=re.escape("--data.num_workers must be 0 (no worker processes) or more, got -1")):
+    message = "--data.num_workers must be 0 (no worker processes) or more, got -1"
+    with pytest.raises(ConfigError, match=re.escape(message)):
         ImageDataModule(str(sample_root), download=False, num_workers=-1)
 
 

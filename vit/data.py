@@ -265,7 +265,9 @@ class AugmentingBatches(BatchTensorDataset):
     Indices come from an ``EpochSampler`` with a ``batch_size``: (batch key, index) pairs.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, augment: Uint8Augmentation) -> None:
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, augment: Uint8Augmentation
+    ) -> None:
         super().__init__(images, labels)
         self.augment = augment
 
