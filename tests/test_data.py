@@ -6,6 +6,7 @@ import pickle
 import re
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -220,6 +221,16 @@ def test_loader_workers_augment_the_same_batches_as_the_device_and_resume_alike(
     assert len(resumed) == 9
     for (images, targets), (resumed_images, resumed_targets) in zip(on_device[5:], resumed):
         assert torch.equal(images, resumed_images) and torch.equal(targets, resumed_targets)
+
+
+def test_loaders_page_lock_their_batches_only_for_a_gpu(sample_root: Path, monkeypatch) -> None:
+    dm = ImageDataModule(str(sample_root), download=False)
+    dm.setup("fit")
+    dm.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False)
+    assert not dm.train_dataloader().pin_memory and not dm.val_dataloader().pin_memory
+    on_gpu = property(lambda _: torch.device("cuda", 0))
+    monkeypatch.setattr(type(dm.trainer.strategy), "root_device", on_gpu)
+    assert dm.train_dataloader().pin_memory and dm.val_dataloader().pin_memory
 
 
 def test_negative_worker_count_is_named(sample_root: Path) -> None:

@@ -24,6 +24,7 @@ from benchmarks.kill_resume import kill_and_resume, val_accuracy, weight_differe
 from vit.cli import run
 from vit.data import ImageDataModule
 from vit.fault_tolerance import AtomicCheckpointIO, find_last_checkpoint
+from vit.loss_watch import NonFiniteLossWatch
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "cifar10-sample"
@@ -139,6 +140,17 @@ def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(
     checkpoint = torch.load(tmp_path / "runs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == step >= 1
     assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values())
+
+
+def test_the_loss_watch_names_the_first_non_finite_step_only_when_asked() -> None:
+    watch = NonFiniteLossWatch()
+    watch.raise_if_seen()  # nothing noted yet
+    for step, loss in enumerate([2.3, 1.9, float("nan"), 1.7, float("inf")]):
+        watch.note(torch.tensor(loss), step)
+        if step < 2:
+            watch.raise_if_seen()
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss \(nan\) at step 2: lower"):
+        watch.raise_if_seen()
 
 
 def test_same_config_and_seed_twice_give_identical_metrics_and_record_the_run(tmp_path: Path) -> None:

@@ -231,6 +231,15 @@ def _batch_as_is(batch: tuple) -> tuple:
     return batch
 
 
+def feeds_cuda(trainer: object) -> bool:
+    """Whether ``trainer`` (a Lightning ``Trainer``, or anything else) trains on a CUDA device.
+
+    Its loaders then page-lock their batches: a copy to the GPU from pageable memory first
+    waits for all the work already queued on the GPU, from page-locked memory it does not.
+    """
+    return isinstance(trainer, L.Trainer) and trainer.strategy.root_device.type == "cuda"
+
+
 def batch_generator(key: tuple[int, int, int, int]) -> torch.Generator:
     """The CPU generator of a training batch's augmentation, from (seed, rank, epoch, batch)."""
     seed = np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0]
@@ -507,6 +516,7 @@ class ImageDataModule(L.LightningDataModule):
             dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=_batch_as_is,
             drop_last=shuffle and len(sampler) > self.batch_size,
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            pin_memory=feeds_cuda(self.trainer),
             generator=torch.Generator().manual_seed(self.seed),  # leaves the global generator alone
         )
 

@@ -15,6 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from vit.checkpoint import load_into
 from vit.errors import ConfigError
+from vit.loss_watch import NonFiniteLossWatch
 from vit.model import build_model, encoder_config
 from vit.optimizers import MuonWithAdamW, is_encoder_matrix
 from vit.progress import find_timer, run_progress
@@ -172,6 +173,7 @@ class Classifier(L.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self._initialised_from_file = False
         self._fit_started = time.monotonic()
+        self._loss_watch = NonFiniteLossWatch()
 
     @property
     def class_names(self) -> list[str]:
@@ -188,6 +190,16 @@ class Classifier(L.LightningModule):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(self.tokenizer_json, encoding="utf-8")
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.global_step % self.trainer.log_every_n_steps == 0:  # the loggers wait here too
+            self._loss_watch.raise_if_seen()
+
+    def on_validation_start(self) -> None:
+        self._loss_watch.raise_if_seen()
+
+    def on_train_end(self) -> None:
+        self._loss_watch.raise_if_seen()
+
     def on_validation_epoch_end(self) -> None:
         # Accuracy against wall time: each validation row of the logs carries the minutes
         # since this process began fitting.
@@ -195,6 +207,7 @@ class Classifier(L.LightningModule):
             self.log("time/fit_minutes", (time.monotonic() - self._fit_started) / 60)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._loss_watch.raise_if_seen()  # never a checkpoint of weights past a non-finite loss
         if self.tokenizer_json is not None:
             checkpoint["tokenizer"] = self.tokenizer_json
 
@@ -228,11 +241,8 @@ class Classifier(L.LightningModule):
         logits = self.net(inputs)
         smoothing = self.hparams.label_smoothing if stage == "train" else 0.0
         loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
-        if stage == "train" and not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite training loss ({loss.item()}) at step {self.global_step}: lower "
-                f"--model.lr or raise the warmup; the last good checkpoint is kept."
-            )
+        if stage == "train":
+            self._loss_watch.note(loss, self.global_step)
         # mixup/CutMix targets are label mixtures: accuracy counts the larger share
         metric(logits.argmax(dim=-1), labels.argmax(dim=-1) if labels.ndim == 2 else labels)
         on_step = stage == "train"

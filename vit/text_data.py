@@ -20,7 +20,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from vit.data import BatchTensorDataset, DataNotFoundError
+from vit.data import BatchTensorDataset, DataNotFoundError, feeds_cuda
 from vit.errors import ConfigError
 from vit.tokenizer import KINDS, TextTokenizer, is_blank
 
@@ -347,6 +347,7 @@ class TextDataModule(L.LightningDataModule):
         return DataLoader(
             dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=self._trim_padding,
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            pin_memory=feeds_cuda(self.trainer),
         )
 
     def _trim_padding(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
