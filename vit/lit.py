@@ -191,7 +191,7 @@ class Classifier(L.LightningModule):
             path.write_text(self.tokenizer_json, encoding="utf-8")
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.global_step % self.trainer.log_every_n_steps == 0:  # the loggers wait here too
+        if self.global_step % self.trainer.log_every_n_steps == 0:  # as often as the loggers read
             self._loss_watch.raise_if_seen()
 
     def on_validation_start(self) -> None:
