@@ -28,6 +28,7 @@ from collections.abc import Callable
 import torch
 from torchvision.transforms import v2
 
+from benchmarks.pipeline import TrainingStandIn
 from benchmarks.throughput import parse_device, synchronize
 from vit.augment import (
     auto_augment,
@@ -40,12 +41,6 @@ from vit.augment import (
 from vit.data import ImageDataModule
 
 
-class _Training:
-    """Stands in for a Trainer in its training loop, so the data module augments."""
-
-    training = True
-
-
 def loader_costs(
     root: str, workers: int, batch_size: int, batches: int, repeats: int, step_ms: float,
     device: torch.device,
@@ -55,7 +50,7 @@ def loader_costs(
                          auto_augment=True, random_erasing=0.25, mixup_alpha=0.8,
                          cutmix_alpha=1.0, num_workers=workers)
     dm.setup("fit")
-    dm.trainer = _Training()
+    dm.trainer = TrainingStandIn()
     loader = dm.train_dataloader()
     batch_stream = (batch for _ in itertools.count() for batch in loader)  # epoch after epoch
 

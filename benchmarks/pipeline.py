@@ -33,7 +33,7 @@ from vit.lit import Classifier
 from vit.model import ImageClassifier, encoder_config
 
 
-class _Training:
+class TrainingStandIn:
     """Stands in for a Trainer in its training loop, so the data module augments."""
 
     training = True
@@ -125,7 +125,7 @@ def main() -> None:
 
     dm = ImageDataModule(args.root, download=False, batch_size=args.batch_size)
     dm.setup("fit")  # decodes once, or reads the cache
-    dm.trainer = _Training()
+    dm.trainer = TrainingStandIn()
 
     def ours_forever():
         while True:

@@ -418,9 +418,6 @@ class ImageDataModule(L.LightningDataModule):
         self.image_size = image_size
         self.batch_size = batch_size
         self.val_fraction = val_fraction
-        self.crop_padding = crop_padding
-        self.hflip = hflip
-        self.auto_augment = auto_augment
         self.uint8_augmentation = Uint8Augmentation(auto_augment, crop_padding, hflip)
         self.random_erasing = random_erasing
         self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
@@ -544,10 +541,12 @@ class ImageDataModule(L.LightningDataModule):
         images, labels, *worker_state = batch
         if self.trainer is None or not self.trainer.training:
             return normalize(images, self.mean, self.std), labels
-        generator = self._next_training_batch()
-        if worker_state:
+        key = self._next_training_batch()
+        if worker_state:  # the workers drew from this batch's generator; go on from there
+            generator = torch.Generator()
             generator.set_state(torch.frombuffer(bytearray(worker_state[0]), dtype=torch.uint8))
         else:
+            generator = batch_generator(key)
             images = self.uint8_augmentation(images, generator)
         images = normalize(images, self.mean, self.std)
         if self._in_low_res_phase():
@@ -571,14 +570,14 @@ class ImageDataModule(L.LightningDataModule):
         progress = run_progress(trainer.global_step, self._total_steps, find_timer(trainer))
         return progress < self.low_res_fraction
 
-    def _next_training_batch(self) -> torch.Generator:
-        """Count a training batch; its augmentation's generator, from (seed, rank, epoch, batch)."""
+    def _next_training_batch(self) -> tuple[int, int, int, int]:
+        """Count a training batch; its key (seed, rank, epoch, batch) for ``batch_generator``."""
         epoch, rank = self._sampler.epoch, self._sampler.rank  # Lightning sets the epoch
         if epoch != self._epoch:
             self._epoch, self._batches = epoch, 0
         key = (self.seed, rank, epoch, self._batches)
         self._batches += 1
-        return batch_generator(key)
+        return key
 
     def state_dict(self) -> dict[str, int]:
         """How far training got: the epoch, and how many of its batches were drawn."""
