@@ -20,7 +20,6 @@ threads, not the workers'), medians of ``--repeats`` passes of ``--batches`` bat
 from __future__ import annotations
 
 import argparse
-import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from collections.abc import Callable
 import torch
 from torchvision.transforms import v2
 
-from benchmarks.pipeline import TrainingStandIn
+from benchmarks.pipeline import TrainingStandIn, training_epochs
 from benchmarks.throughput import parse_device, synchronize
 from vit.augment import (
     auto_augment,
@@ -51,8 +50,7 @@ def loader_costs(
                          cutmix_alpha=1.0, num_workers=workers)
     dm.setup("fit")
     dm.trainer = TrainingStandIn()
-    loader = dm.train_dataloader()
-    batch_stream = (batch for _ in itertools.count() for batch in loader)  # epoch after epoch
+    batch_stream = training_epochs(dm)
 
     def one_batch() -> None:
         batch = next(batch_stream)

@@ -19,7 +19,7 @@ import argparse
 import itertools
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import lightning as L
 import torch
@@ -39,8 +39,19 @@ class TrainingStandIn:
     training = True
 
 
-def ours_batches(dm: ImageDataModule):
-    for batch in dm.train_dataloader():
+def training_epochs(dm: ImageDataModule) -> Iterator[tuple]:
+    """The data module's training batches as its loader gives them, epoch after epoch, each pass
+    a new epoch as Lightning's loop sets it (else the data module would take every pass for the
+    epoch it has been counting batches of, and resume it where that count ended)."""
+    loader = dm.train_dataloader()
+    for epoch in itertools.count(dm.state_dict()["epoch"] + 1):
+        loader.sampler.set_epoch(epoch)
+        yield from loader
+
+
+def ours_batches(dm: ImageDataModule) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Training batches augmented and normalised as the training loop gets them, without end."""
+    for batch in training_epochs(dm):
         yield dm.on_after_batch_transfer(batch, 0)
 
 
@@ -127,11 +138,7 @@ def main() -> None:
     dm.setup("fit")  # decodes once, or reads the cache
     dm.trainer = TrainingStandIn()
 
-    def ours_forever():
-        while True:
-            yield from ours_batches(dm)
-
-    streams = {"ours": ours_forever(), "torchvision": torchvision_batches(args.root, args.batch_size, args.workers)}
+    streams = {"ours": ours_batches(dm), "torchvision": torchvision_batches(args.root, args.batch_size, args.workers)}
     for stream in streams.values():  # warm up: workers started, caches hot
         rate(stream, 3, args.batch_size)
     rates: dict[str, list[float]] = {name: [] for name in streams}
