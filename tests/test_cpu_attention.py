@@ -91,6 +91,36 @@ def test_without_gradients_the_kernel_still_attends() -> None:
         )
 
 
+
+def test_other_python_threads_run_while_the_kernel_computes() -> None:
+    """The kernel lets go of Python's interpreter lock: a thread decoding images (vit.classify)
+    or feeding batches goes on while another attends, instead of stalling for the whole call."""
+    import threading
+    import time
+
+    kernel = cpu_attention.extension()  # built and loaded before the clock starts
+    qkv = torch.randn(64, 512, 3 * 128)  # one call of about a tenth of a second
+    window: list[float] = []
+
+    def attend() -> None:
+        window.append(time.perf_counter())
+        kernel.fused_forward(qkv, 4, 32**-0.5, False)
+        window.append(time.perf_counter())
+
+    thread = threading.Thread(target=attend)
+    stamps = []
+    thread.start()
+    while thread.is_alive():
+        stamps.append(time.perf_counter())
+    thread.join()
+    start, end = window
+    inside = [start] + [t for t in stamps if start < t < end] + [end]
+    longest_stall = max(b - a for a, b in zip(inside, inside[1:]))
+    assert longest_stall < (end - start) / 2, (
+        f"this thread stood still for {longest_stall * 1e3:.0f} ms of the kernel's "
+        f"{(end - start) * 1e3:.0f} ms call"
+    )
+
 @pytest.mark.parametrize("cls_only", [False, True])
 def test_the_attention_layer_uses_the_kernel_and_matches_torchs(
     cls_only: bool, monkeypatch

@@ -228,13 +228,15 @@ std::vector<torch::Tensor> split_backward(const torch::Tensor& grad_out, const t
   return {grad_q, grad_kv};
 }
 
+// Each call lets go of Python's interpreter lock while it computes, as torch's own operators do,
+// so that other Python threads (decoding, loading) go on meanwhile.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("fused_forward", &fused_forward,
+  module.def("fused_forward", &fused_forward, py::call_guard<py::gil_scoped_release>(),
              "(qkv, heads, scale, keep_weights) -> (out, weights or an empty tensor)");
-  module.def("fused_backward", &fused_backward,
+  module.def("fused_backward", &fused_backward, py::call_guard<py::gil_scoped_release>(),
              "(grad_out, qkv, weights, heads, scale) -> grad_qkv");
-  module.def("split_forward", &split_forward,
+  module.def("split_forward", &split_forward, py::call_guard<py::gil_scoped_release>(),
              "(q, kv, heads, scale, keep_weights) -> (out, weights or an empty tensor)");
-  module.def("split_backward", &split_backward,
+  module.def("split_backward", &split_backward, py::call_guard<py::gil_scoped_release>(),
              "(grad_out, q, kv, weights, heads, scale) -> (grad_q, grad_kv)");
 }
