@@ -63,12 +63,19 @@ def timm_path(checkpoint: str, images: str, out: Path, batch_size: int, workers:
         num_workers=workers, crop_pct=1.0,
     )
     names = spec["class_names"]
+
+    def logits(inputs: torch.Tensor) -> torch.Tensor:
+        if not arch.get("flip_average"):
+            return model(inputs)
+        both = model(torch.cat([inputs, inputs.flip(-1)]))  # as vit.model averages flips
+        return both.unflatten(0, (2, len(inputs))).mean(dim=0)
+
     with open(out, "w", newline="") as file, torch.inference_mode():
         writer = csv.writer(file)
         writer.writerow(["input", "rank", "label", "probability"])
         index = 0
         for inputs, _ in loader:
-            top = model(inputs).softmax(dim=-1).topk(5)
+            top = logits(inputs).softmax(dim=-1).topk(5)
             for values, indices in zip(top.values.tolist(), top.indices.tolist()):
                 path = dataset.filename(index, absolute=True)
                 writer.writerows([path, r, names[i], f"{p:.6f}"]
