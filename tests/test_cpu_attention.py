@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import platform
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -91,13 +93,9 @@ def test_without_gradients_the_kernel_still_attends() -> None:
         )
 
 
-
 def test_other_python_threads_run_while_the_kernel_computes() -> None:
     """The kernel lets go of Python's interpreter lock: a thread decoding images (vit.classify)
     or feeding batches goes on while another attends, instead of stalling for the whole call."""
-    import threading
-    import time
-
     kernel = cpu_attention.extension()  # built and loaded before the clock starts
     qkv = torch.randn(64, 512, 3 * 128)  # one call of about a tenth of a second
     window: list[float] = []
@@ -120,6 +118,7 @@ def test_other_python_threads_run_while_the_kernel_computes() -> None:
         f"this thread stood still for {longest_stall * 1e3:.0f} ms of the kernel's "
         f"{(end - start) * 1e3:.0f} ms call"
     )
+
 
 @pytest.mark.parametrize("cls_only", [False, True])
 def test_the_attention_layer_uses_the_kernel_and_matches_torchs(
