@@ -34,6 +34,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from vit.checkpoint import load_saved_model
 from vit.classify import main as classify
+from vit.model import mirror_averaged
 
 
 def ours(checkpoint: str, images: str, out: Path, batch_size: int, workers: int) -> None:
@@ -65,10 +66,7 @@ def timm_path(checkpoint: str, images: str, out: Path, batch_size: int, workers:
     names = spec["class_names"]
 
     def logits(inputs: torch.Tensor) -> torch.Tensor:
-        if not arch.get("flip_average"):
-            return model(inputs)
-        both = model(torch.cat([inputs, inputs.flip(-1)]))  # as vit.model averages flips
-        return both.unflatten(0, (2, len(inputs))).mean(dim=0)
+        return mirror_averaged(model, inputs) if arch.get("flip_average") else model(inputs)
 
     with open(out, "w", newline="") as file, torch.inference_mode():
         writer = csv.writer(file)

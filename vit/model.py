@@ -8,6 +8,7 @@ follow timm's ``VisionTransformer`` (``patch_embed``, ``cls_token``, ``pos_embed
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -162,6 +163,15 @@ class TokenClassifier(nn.Module):
         return self.forward_head(self.forward_features(inputs, padding_mask, cls_only=True))
 
 
+def mirror_averaged(
+    forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor
+) -> torch.Tensor:
+    """The mean of ``forward``'s logits for (B, C, H, W) images and their mirror images, run as
+    one batch of 2B: the test-time flip averaging of ``ImageClassifier(flip_average=True)``."""
+    both = forward(torch.cat([images, images.flip(-1)]))
+    return both.unflatten(0, (2, len(images))).mean(dim=0)
+
+
 class ImageClassifier(TokenClassifier):
     """Vision Transformer: linear patch embedding in front of the shared encoder.
 
@@ -202,8 +212,7 @@ class ImageClassifier(TokenClassifier):
             return super().forward(inputs, padding_mask)
         if padding_mask is not None:
             raise ValueError("flip averaging takes no padding mask: pass the images alone.")
-        both = super().forward(torch.cat([inputs, inputs.flip(-1)]))  # one batch of 2B
-        return both.unflatten(0, (2, len(inputs))).mean(dim=0)
+        return mirror_averaged(super().forward, inputs)
 
     @torch.no_grad()
     def sincos_positions_(self) -> None:
