@@ -5,8 +5,9 @@
 1. Images/s of training batches, ready on the device (augmented, normalised float): this
    project's decoded uint8 cache with batched crop and flip, against torchvision's
    ``ImageFolder`` with per-sample ``RandomCrop(padding=4)``, ``RandomHorizontalFlip``,
-   ``ToTensor`` and ``Normalize`` through a ``DataLoader`` (``--workers`` processes).
-   Interleaved repeats, median, ratio.
+   ``ToTensor`` and ``Normalize`` through a ``DataLoader`` (``--workers`` processes, started
+   before and stopped after each of its timings, so that they never decode while ours is
+   timed). Interleaved repeats, median, ratio.
 2. Epoch overhead: the wall time of ``--batches`` training steps fed by the pipeline, divided
    by the time of the same model steps on one batch already in memory, minus one; then the
    same for a whole Lightning training epoch of ``train.py``'s ``Classifier`` (loader,
@@ -55,7 +56,7 @@ def ours_batches(dm: ImageDataModule) -> Iterator[tuple[torch.Tensor, torch.Tens
         yield dm.on_after_batch_transfer(batch, 0)
 
 
-def torchvision_batches(root: str, batch_size: int, workers: int):
+def torchvision_loader(root: str, batch_size: int, workers: int) -> DataLoader:
     transform = transforms.Compose([
         transforms.RandomCrop(32, padding=4),
         transforms.RandomHorizontalFlip(),
@@ -63,10 +64,8 @@ def torchvision_batches(root: str, batch_size: int, workers: int):
         transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD),
     ])
     folder = datasets.ImageFolder(f"{root}/train", transform=transform)
-    loader = DataLoader(folder, batch_size=batch_size, shuffle=True, num_workers=workers,
-                        drop_last=True, persistent_workers=workers > 0)
-    while True:
-        yield from loader
+    return DataLoader(folder, batch_size=batch_size, shuffle=True, num_workers=workers,
+                      drop_last=True)
 
 
 def rate(batches, n: int, batch_size: int) -> float:
@@ -74,6 +73,17 @@ def rate(batches, n: int, batch_size: int) -> float:
     for _ in itertools.islice(batches, n):
         pass
     return n * batch_size / (time.perf_counter() - start)
+
+
+def loader_rate(loader: DataLoader, n: int, batch_size: int) -> float:
+    """Images/s of ``n`` batches of a fresh pass over ``loader``, its workers started and its
+    first batch taken before the clock. The workers are shut down afterwards: left running,
+    they would go on decoding their next batches while the other pipeline is timed."""
+    batches = iter(loader)
+    next(batches)
+    result = rate(batches, n, batch_size)
+    del batches  # joins the worker processes
+    return result
 
 
 def training_step(
@@ -138,13 +148,20 @@ def main() -> None:
     dm.setup("fit")  # decodes once, or reads the cache
     dm.trainer = TrainingStandIn()
 
-    streams = {"ours": ours_batches(dm), "torchvision": torchvision_batches(args.root, args.batch_size, args.workers)}
-    for stream in streams.values():  # warm up: workers started, caches hot
-        rate(stream, 3, args.batch_size)
-    rates: dict[str, list[float]] = {name: [] for name in streams}
+    ours, loader = ours_batches(dm), torchvision_loader(args.root, args.batch_size, args.workers)
+    if args.batches >= len(loader):
+        parser.error(f"--batches {args.batches}: torchvision's loader has {len(loader)} batches "
+                     f"an epoch; give fewer.")
+    timers = {
+        "ours": lambda batches: rate(ours, batches, args.batch_size),
+        "torchvision": lambda batches: loader_rate(loader, batches, args.batch_size),
+    }
+    for timer in timers.values():  # warm up: caches hot
+        timer(3)
+    rates: dict[str, list[float]] = {name: [] for name in timers}
     for _ in range(args.repeats):
-        for name, stream in streams.items():
-            rates[name].append(rate(stream, args.batches, args.batch_size))
+        for name, timer in timers.items():
+            rates[name].append(timer(args.batches))
     median = {name: statistics.median(r) for name, r in rates.items()}
     print(f"pipeline, {args.root}, batch {args.batch_size}, median of {args.repeats} interleaved "
           f"repeats of {args.batches} batches; torchvision with {args.workers} workers")
