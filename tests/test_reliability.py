@@ -95,6 +95,10 @@ def _image_folder(root: Path, splits: dict[str, list[str]]) -> Path:
 BAD_CONFIGS = {
     "patch size": (["--model.patch_size", "5"], "--model.patch_size 5 does not divide --data.image_size 32"),
     "heads": (["--model.num_heads", "3"], "--model.num_heads 3 does not divide"),
+    "no heads": (["--model.num_heads", "0"], "--model.num_heads must be at least 1, got 0."),
+    "no blocks": (["--model.depth", "0"], "--model.depth must be at least 1, got 0."),
+    "all warmup": (["--model.warmup_fraction", "1.0"],
+                   "--model.warmup_fraction must be in [0, 1), got 1.0."),
     "missing data": (["--data.root", "{tmp}/nowhere"], "no image data at --data.root {tmp}/nowhere"),
     "empty data folder": (["--data.root", "{tmp}/empty"], "train/ holds no class folders with images"),
     "class folders differ": (["--data.root", "{tmp}/mismatch"], "only in train: ['dog'], only in test: ['bird']"),

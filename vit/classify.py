@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from vit.allocator import keep_freed_memory
 from vit.checkpoint import CheckpointError
+from vit.errors import positive_int
 from vit.imageio import IMAGE_EXTENSIONS, is_image_file
 from vit.predictor import Prediction, Predictor
 
@@ -200,13 +201,6 @@ def describe_failure(item: Item, err: Exception) -> str:
     return reason if reason.startswith(item.where) else f"{item.where}: {reason}"
 
 
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
-    return number
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vit-classify",
@@ -221,16 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "(repeatable), for a text model")
     parser.add_argument("--text-file", action="append", default=[], metavar="FILE",
                         help="a UTF-8 file of texts, one a line (repeatable), for a text model")
-    parser.add_argument("--top-k", type=_positive_int, default=5,
+    parser.add_argument("--top-k", type=positive_int, default=5,
                         help="classes per input, at most the number of classes (default 5)")
     parser.add_argument("--format", choices=("table", "json", "csv"), default="table",
                         help="how results are written (default table)")
     parser.add_argument("--output", metavar="FILE", help="write results here instead of stdout")
-    parser.add_argument("--batch-size", type=_positive_int, default=64,
+    parser.add_argument("--batch-size", type=positive_int, default=64,
                         help="inputs per forward pass (default 64)")
     parser.add_argument("--device", default="auto",
                         help="auto (the GPU when there is one), cpu, cuda or cuda:N")
-    parser.add_argument("--workers", type=_positive_int, default=min(8, os.cpu_count() or 1),
+    parser.add_argument("--workers", type=positive_int, default=min(8, os.cpu_count() or 1),
                         help="threads decoding images or tokenizing texts (default: CPU cores, up to 8)")
     return parser
 

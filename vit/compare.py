@@ -32,6 +32,7 @@ from vit.attention_maps import attention_rollout, capture_attention
 from vit.augment import normalize
 from vit.checkpoint import load_saved_model
 from vit.data import CIFAR10_MEAN, CIFAR10_STD, ImageSource, default_cache_dir, load_split
+from vit.errors import positive_float, positive_int
 from vit.imageio import load_image
 from vit.matched import Budget, encode_texts, run_matched
 from vit.measure import (
@@ -674,34 +675,34 @@ def parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--text-test", default="data/sst2/test.tsv", help="labelled test texts")
     report.add_argument(
-        "--max-texts", type=int, default=None, help="use only the first N test texts"
+        "--max-texts", type=positive_int, default=None, help="use only the first N test texts"
     )
     report.add_argument(
-        "--tokenizer-texts", type=int, default=5000, help="training texts per tokenizer"
+        "--tokenizer-texts", type=positive_int, default=5000, help="training texts per tokenizer"
     )
     report.add_argument("--sentence", default=DEFAULT_SENTENCE, help="the sentence shown tokenised")
     report.add_argument(
         "--variant", default="nano", help="encoder size of freshly initialised models"
     )
     report.add_argument(
-        "--examples", type=int, default=3, help="images and texts in the attention section"
+        "--examples", type=positive_int, default=3, help="images and texts in the attention section"
     )
     report.add_argument(
-        "--batch-size", type=int, default=64, help="batch size of the throughput runs"
+        "--batch-size", type=positive_int, default=64, help="batch size of the throughput runs"
     )
     report.add_argument(
-        "--throughput-seconds", type=float, default=1.0, help="seconds per throughput run"
+        "--throughput-seconds", type=positive_float, default=1.0, help="seconds per throughput run"
     )
     report.add_argument(
-        "--matched-steps", type=int, default=20, help="steps of the quick matched run"
+        "--matched-steps", type=positive_int, default=20, help="steps of the quick matched run"
     )
     report.add_argument(
-        "--matched-text-train", type=int, default=2000, help="training texts of that run"
+        "--matched-text-train", type=positive_int, default=2000, help="training texts of that run"
     )
     report.add_argument("--matched-results", help="a matched.json from `matched` to show instead")
     report.add_argument("--seed", type=int, default=0)
     report.add_argument(
-        "--threads", type=int, help="CPU threads for torch (default: torch's choice)"
+        "--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)"
     )
 
     tokens = commands.add_parser(
@@ -709,13 +710,13 @@ def parser() -> argparse.ArgumentParser:
     )
     tokens.add_argument("--image", help="an image file")
     tokens.add_argument("--text", help="a sentence")
-    tokens.add_argument("--image-size", type=int, default=32)
-    tokens.add_argument("--patch-size", type=int, default=4)
+    tokens.add_argument("--image-size", type=positive_int, default=32)
+    tokens.add_argument("--patch-size", type=positive_int, default=4)
     tokens.add_argument(
         "--text-train", default="data/sst2/train.tsv", help="texts the tokenizers learn from"
     )
     tokens.add_argument(
-        "--tokenizer-texts", type=int, default=5000, help="training texts per tokenizer"
+        "--tokenizer-texts", type=positive_int, default=5000, help="training texts per tokenizer"
     )
 
     matched = commands.add_parser("matched", help="run the matched-budget experiment alone")
@@ -737,7 +738,7 @@ def parser() -> argparse.ArgumentParser:
         help="also write both trained models as bundles under OUT/models/ (image/, text/)",
     )
     matched.add_argument(
-        "--threads", type=int, help="CPU threads for torch (default: torch's choice)"
+        "--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)"
     )
     for field, default in asdict(Budget()).items():
         matched.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=default)

@@ -13,6 +13,8 @@ from einops import rearrange
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
+from vit.errors import divisors_text
+
 
 class PatchEmbed(nn.Module):
     """Cut (B, C, H, W) images into P x P patches and embed each one linearly.
@@ -32,8 +34,7 @@ class PatchEmbed(nn.Module):
         if image_size % patch_size != 0:
             raise ValueError(
                 f"patch_size={patch_size} does not divide image_size={image_size}: "
-                f"pick a patch size among the divisors of {image_size} "
-                f"({', '.join(str(p) for p in range(1, image_size + 1) if image_size % p == 0)})."
+                f"pick a patch size among the divisors of {image_size} ({divisors_text(image_size)})."
             )
         self.image_size = image_size
         self.patch_size = patch_size

@@ -92,7 +92,8 @@ class Encoder(nn.ModuleList):
         qkv_bias: Bias on the query/key/value projections.
         drop: Dropout inside the blocks.
         attn_drop: Dropout on the attention weights.
-        drop_path_rate: Stochastic-depth rate of the last block (0 for the first).
+        drop_path_rate: Stochastic-depth rate of the last block (rising linearly from 0 at
+            the first, when there are several).
     """
 
     def __init__(
@@ -107,6 +108,8 @@ class Encoder(nn.ModuleList):
         attn_drop: float = 0.0,
         drop_path_rate: float = 0.0,
     ) -> None:
+        if depth < 1:
+            raise ValueError(f"an encoder needs at least one block, got depth={depth}.")
         rates = torch.linspace(0, drop_path_rate, depth).tolist() if depth > 1 else [drop_path_rate]
         super().__init__(
             Block(

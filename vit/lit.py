@@ -6,6 +6,7 @@ import json
 import math
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning as L
@@ -14,10 +15,10 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from vit.checkpoint import load_into
-from vit.errors import ConfigError
+from vit.errors import ConfigError, divisors_text
 from vit.loss_watch import NonFiniteLossWatch
 from vit.model import build_model, encoder_config
-from vit.optimizers import MuonWithAdamW, is_encoder_matrix
+from vit.optimizers import MuonWithAdamW, is_encoder_matrix, takes_weight_decay
 from vit.progress import find_timer, run_progress
 
 
@@ -33,10 +34,6 @@ def fuses_adamw(trainer: L.Trainer, device: torch.device) -> bool:
     return device.type in ("cpu", "cuda") and not (trainer.gradient_clip_val and mixed_precision)
 
 
-def _divisors(n: int) -> str:
-    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
-
-
 def check_model_options(
     data_spec: dict[str, Any], variant: str, patch_size: int, flip_average: bool = False,
     position_init: str = "trunc_normal", **shape: int | float | None,
@@ -46,11 +43,18 @@ def check_model_options(
         encoder = encoder_config(variant, **shape)
     except ValueError as err:
         raise ConfigError(f"--model.variant: {err}") from None
+    sizes = {"embed_dim": encoder.embed_dim, "depth": encoder.depth,
+             "num_heads": encoder.num_heads, "patch_size": patch_size}
+    for name, value in sizes.items():
+        if value < 1:
+            raise ConfigError(f"--model.{name} must be at least 1, got {value}.")
+    if encoder.mlp_ratio <= 0:
+        raise ConfigError(f"--model.mlp_ratio must be above 0, got {encoder.mlp_ratio}.")
     if encoder.embed_dim % encoder.num_heads:
         raise ConfigError(
             f"--model.num_heads {encoder.num_heads} does not divide the token width "
             f"--model.embed_dim {encoder.embed_dim} (variant {variant!r}): choose num_heads among "
-            f"{_divisors(encoder.embed_dim)}, or another --model.embed_dim."
+            f"{divisors_text(encoder.embed_dim)}, or another --model.embed_dim."
         )
     if flip_average and data_spec.get("modality") != "image":
         raise ConfigError(
@@ -71,8 +75,24 @@ def check_model_options(
     if data_spec.get("modality") == "image" and size % patch_size:
         raise ConfigError(
             f"--model.patch_size {patch_size} does not divide --data.image_size {size}: choose a "
-            f"patch size among {_divisors(size)}, or another --data.image_size."
+            f"patch size among {divisors_text(size)}, or another --data.image_size."
         )
+
+
+_TRAINING_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "lr": (lambda value: value > 0, "above 0"),
+    "weight_decay": (lambda value: value >= 0, "at least 0"),
+    "min_lr_ratio": (lambda value: 0 <= value <= 1, "in [0, 1]"),
+}
+"""Ranges of the ``--model`` training options; any other option named is a share in [0, 1)."""
+
+
+def check_training_options(**options: float) -> None:
+    """Raise a ``ConfigError`` naming the ``--model`` option whose value is out of its range."""
+    for name, value in options.items():
+        inside, expected = _TRAINING_RANGES.get(name, (lambda share: 0 <= share < 1, "in [0, 1)"))
+        if not inside(value):
+            raise ConfigError(f"--model.{name} must be {expected}, got {value}.")
 
 
 class Classifier(L.LightningModule):
@@ -153,6 +173,11 @@ class Classifier(L.LightningModule):
         check_model_options(
             data_spec, variant, patch_size, flip_average, position_init,
             embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+        )
+        check_training_options(
+            lr=lr, weight_decay=weight_decay, warmup_fraction=warmup_fraction,
+            min_lr_ratio=min_lr_ratio, label_smoothing=label_smoothing, drop_rate=drop_rate,
+            attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate,
         )
         self.net = build_model(
             data_spec, variant=variant, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
@@ -266,13 +291,12 @@ class Classifier(L.LightningModule):
         return {"probs": probs, "preds": probs.argmax(dim=-1), "labels": labels}
 
     def configure_optimizers(self) -> dict[str, Any]:
-        no_decay = {"pos_embed", "cls_token"}
         use_muon = self.hparams.optimizer == "muon"
         matrices, decay, keep = [], [], []
         for name, param in self.net.named_parameters():
             if not param.requires_grad:
                 continue
-            if param.ndim < 2 or name in no_decay:
+            if not takes_weight_decay(name, param):
                 keep.append(param)
             elif use_muon and is_encoder_matrix(name, param):
                 matrices.append(param)

@@ -58,6 +58,12 @@ def orthogonalise(
     return (x[0] if single else x).to(matrices.dtype)
 
 
+def takes_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """Whether a parameter of a ``TokenClassifier``, by its name, is decayed: the weight
+    matrices and convolution kernels, not norms, biases, positions or the CLS token."""
+    return param.ndim >= 2 and name not in ("pos_embed", "cls_token")
+
+
 def is_encoder_matrix(name: str, param: torch.Tensor) -> bool:
     """Whether a parameter of a ``TokenClassifier``, by its name, is a weight matrix inside the
     encoder blocks: the hidden layers that ``--model.optimizer muon`` gives to Muon."""
