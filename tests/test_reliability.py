@@ -99,6 +99,8 @@ BAD_CONFIGS = {
     "no blocks": (["--model.depth", "0"], "--model.depth must be at least 1, got 0."),
     "all warmup": (["--model.warmup_fraction", "1.0"],
                    "--model.warmup_fraction must be in [0, 1), got 1.0."),
+    "validation split of none": (["--data.root", "{tmp}/two_images"],
+                                 "--data.val_fraction 0.1 of 2 training images holds out 0"),
     "missing data": (["--data.root", "{tmp}/nowhere"], "no image data at --data.root {tmp}/nowhere"),
     "empty data folder": (["--data.root", "{tmp}/empty"], "train/ holds no class folders with images"),
     "class folders differ": (["--data.root", "{tmp}/mismatch"], "only in train: ['dog'], only in test: ['bird']"),
@@ -116,6 +118,7 @@ def test_bad_configs_fail_before_training_with_one_clear_message(
 ) -> None:
     (tmp_path / "empty" / "train" / "cat").mkdir(parents=True)
     _image_folder(tmp_path / "mismatch", {"train": ["cat", "dog"], "test": ["bird", "cat"]})
+    _image_folder(tmp_path / "two_images", {"train": ["cat", "dog"], "test": ["cat", "dog"]})
     (tmp_path / "a_file").write_text("")
     options, message = BAD_CONFIGS[case]
     assert fit(tmp_path, *(o.format(tmp=tmp_path) for o in options)) == 1
@@ -124,6 +127,20 @@ def test_bad_configs_fail_before_training_with_one_clear_message(
     assert len(lines) == 1 and message.format(tmp=tmp_path) in lines[0], err
     assert "Traceback" not in err
     assert not list(tmp_path.glob("**/metrics.csv"))  # nothing trained
+
+
+def test_data_without_a_test_split_trains_and_says_why_it_is_not_tested(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "no_test"
+    for name in ("cat", "dog"):
+        (root / "train" / name).mkdir(parents=True)
+        for image in sorted((SAMPLE / "train" / name).iterdir())[:10]:
+            shutil.copy(image, root / "train" / name / image.name)
+    with caplog.at_level("INFO"):
+        assert fit(tmp_path, "--data.root", str(root), "--trainer.max_steps", "1") == 0
+    assert "the data has no test split, so the fit is not followed by a test" in caplog.text
+    assert list((tmp_path / "runs").rglob("last.ckpt"))
 
 
 def test_an_unknown_option_is_named_without_pages_of_usage(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

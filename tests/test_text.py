@@ -18,7 +18,7 @@ from vit.encoder import Block, Encoder
 from vit.errors import ConfigError
 from vit.lit import Classifier
 from vit.model import ImageClassifier, TextClassifier, TokenClassifier, encoder_config
-from vit.text_data import TextDataModule
+from vit.text_data import LengthGroupedSampler, TextDataModule, label_classes
 from vit.tokenizer import TextTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,6 +115,22 @@ def test_sst2_slice_gives_spec_and_batches_padded_to_their_longest(tmp_path: Pat
     assert len(lengths) > 1
 
 
+def test_the_length_grouped_order_follows_the_seed_and_the_epoch() -> None:
+    lengths = torch.randint(1, 50, (103,), generator=torch.Generator().manual_seed(0))
+    sampler, resumed = (LengthGroupedSampler(lengths, 8, group=3, seed=5) for _ in range(2))
+    first = list(sampler)
+    assert sorted(first) == list(range(103)) and list(sampler) == first
+    sampler.set_epoch(1)
+    resumed.set_epoch(1)  # a run resumed at epoch 1's start
+    second = list(resumed)
+    assert list(sampler) == second != first
+    batches = [lengths[second[i:i + 8]] for i in range(0, 96, 8)]
+    spread = sum(int(b.max() - b.min()) for b in batches) / len(batches)
+    shuffled = lengths[torch.randperm(103, generator=torch.Generator().manual_seed(1))[:96]]
+    random_spread = sum(int(b.max() - b.min()) for b in shuffled.split(8)) / 12
+    assert spread < random_spread / 2  # neighbours in a batch have similar lengths
+
+
 def test_string_labels_csv_quoting_and_held_out_validation(tmp_path: Path) -> None:
     questions = [("what is a virus ?", "DESC"), ("who wrote hamlet ?", "HUM"),
                  ("how many moons does mars have ?", "NUM"), ('what does "ok" mean, exactly ?', "DESC"),
@@ -129,6 +145,7 @@ def test_string_labels_csv_quoting_and_held_out_validation(tmp_path: Path) -> No
     assert 'what does "ok" mean, exactly ?' in data.tables["train"][0] + data.tables["val"][0]
     assert (len(data.tables["train"][0]), len(data.tables["val"][0])) == (24, 6)
     assert data.tables["test"][1].tolist() == [2, 4]
+    assert data.has_split("val") and data.has_split("test")
     ids, labels = next(iter(data.test_dataloader()))
     assert ids.shape[0] == 2 and labels.tolist() == [2, 4]
 
@@ -140,6 +157,8 @@ def test_integer_labels_keep_their_numeric_order(tmp_path: Path) -> None:
     data = TextDataModule(str(tmp_path / "stars"), tokenizer_kind="char", vocab_size=60)
     assert data.class_names == ["1", "2", "3", "4", "5", "10"]
     assert data.tables["test"][1].tolist() == [5, 1]
+    names, _ = label_classes(["+-5", "\u00b2", "3"])  # not integers: kept as strings, sorted
+    assert names == ["+-5", "3", "\u00b2"]
 
 
 def test_odd_rows_are_skipped_or_kept_with_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -158,6 +177,7 @@ def test_odd_rows_are_skipped_or_kept_with_a_warning(tmp_path: Path, capsys: pyt
     assert texts == ["a fine film", "a dull film", "[CLS] a bold film [PAD]", "na\ufffdve but bad"]
     ids, _ = data.tokenizer.encode_batch(texts[2:3])
     assert ids[0].tolist().count(data.tokenizer.cls_id) == 1 and data.tokenizer.pad_id not in ids
+    assert not data.has_split("val")
     with pytest.raises(DataNotFoundError, match="no validation texts"):
         data.val_dataloader()
 
@@ -178,6 +198,16 @@ def test_data_errors_name_the_file_and_the_fix(tmp_path: Path) -> None:
     write(tmp_path / "c" / "train.tsv", ["label\tsentence", "0\tbad", "0\tworse"])
     with pytest.raises(ValueError, match="at least two classes"):
         TextDataModule(str(tmp_path / "c"))
+    write(tmp_path / "d" / "train.tsv", ["label\tsentence", "0\tbad", "1\tgood", "0\tdull", "1\tfine"])
+    with pytest.raises(ConfigError, match=r"--data.val_fraction 0.1 of 4 training texts holds out 0"):
+        TextDataModule(str(tmp_path / "d"))
+    with pytest.raises(ConfigError, match=r"--data.vocab_size 3 leaves no room"):
+        TextDataModule(str(tmp_path / "d"), vocab_size=3, val_fraction=0)
+    with pytest.raises(ConfigError, match=r"--data.max_length 2 is below 3"):
+        TextDataModule(str(tmp_path / "d"), max_length=2, val_fraction=0)
+    with pytest.raises(ConfigError, match=r"--data.tokenizer_file .*nowhere.json: no tokenizer file"):
+        TextDataModule(str(tmp_path / "d"), tokenizer_file=str(tmp_path / "nowhere.json"),
+                       val_fraction=0)
 
 
 def test_a_few_steps_of_fit_on_sst2_keep_the_tokenizer_beside_the_checkpoints(tmp_path: Path) -> None:

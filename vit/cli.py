@@ -169,15 +169,20 @@ class TrainCLI(LightningCLI):
             check_checkpoint(ckpt_path)
 
     def after_fit(self) -> None:
-        if self._get(self.config, "test_after_fit") and self.trainer.state.status == "finished" \
-                and self.datamodule.test_dataloader is not None:
-            if self._get(self.config, "test_weights") == "last":
-                ckpt = next(str(Path(callback.dirpath) / "last.ckpt")
-                            for callback in self.trainer.checkpoint_callbacks
-                            if callback.filename == "last")
-            else:
-                ckpt = self.trainer.checkpoint_callback.best_model_path or None
-            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
+        if not self._get(self.config, "test_after_fit") or self.trainer.state.status != "finished":
+            return
+        has_split = getattr(self.datamodule, "has_split", None)  # this project's data modules
+        if has_split is not None and not has_split("test"):
+            rank_zero_info("note: the data has no test split, so the fit is not followed by a "
+                           "test; add one to test the model, or pass --test_after_fit false.")
+            return
+        if self._get(self.config, "test_weights") == "last":
+            ckpt = next(str(Path(callback.dirpath) / "last.ckpt")
+                        for callback in self.trainer.checkpoint_callbacks
+                        if callback.filename == "last")
+        else:
+            ckpt = self.trainer.checkpoint_callback.best_model_path or None
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
 
 
 def main(args: list[str] | None = None) -> TrainCLI:

@@ -198,16 +198,31 @@ def load_split(
         except Exception:  # a damaged cache file is decoded again, never trusted
             path.unlink(missing_ok=True)
     images, labels = source.decode(split, image_size)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
         save_file({"images": images, "labels": labels}, tmp,
                   metadata={"classes": json.dumps(source.class_names)})
         os.replace(tmp, path)  # atomic: a reader never sees half a file
     except OSError as err:
         print(f"warning: could not write the decoded-data cache in {cache_dir} ({err}); "
               f"set --data.cache_dir to a writable folder to skip decoding next time.")
+    finally:
+        tmp.unlink(missing_ok=True)  # a write that failed half way leaves no partial file
     return images, labels
+
+
+def held_out_count(total: int, val_fraction: float, items: str) -> int:
+    """How many of ``total`` training items ``--data.val_fraction`` holds out for validation:
+    at least one, and one fewer than all, where the fraction is above 0."""
+    count = round(total * val_fraction)
+    if val_fraction > 0 and not 0 < count < total:
+        raise ConfigError(
+            f"--data.val_fraction {val_fraction} of {total} training {items} holds out {count} "
+            f"for validation and leaves {total - count} to train on: choose a fraction that "
+            f"keeps both, or add more data."
+        )
+    return count
 
 
 class BatchTensorDataset(torch.utils.data.Dataset):
@@ -479,7 +494,7 @@ class ImageDataModule(L.LightningDataModule):
         source = ImageSource(self.root)
         images, labels = load_split(source, "train", self.image_size, self.cache_dir)
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
-        num_val = round(len(labels) * self.val_fraction)
+        num_val = held_out_count(len(labels), self.val_fraction, "images")
         val_idx, train_idx = order[:num_val], order[num_val:]
         self.splits["train"] = BatchTensorDataset(images[train_idx], labels[train_idx])
         self.splits["val"] = BatchTensorDataset(images[val_idx], labels[val_idx])
@@ -516,6 +531,11 @@ class ImageDataModule(L.LightningDataModule):
             pin_memory=feeds_cuda(self.trainer),
             generator=torch.Generator().manual_seed(self.seed),  # leaves the global generator alone
         )
+
+    def has_split(self, split: str) -> bool:
+        """Whether the data holds any images of ``split`` ("train", "val" or "test")."""
+        self.setup()
+        return len(self.splits.get(split, ())) > 0
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

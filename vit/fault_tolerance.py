@@ -8,8 +8,10 @@
   stops after the current batch; this callback then writes ``last.ckpt``, and the process exits
   with status 0.
 - ``RandomState`` carries the torch random generators (dropout, stochastic depth) through
-  checkpoints; the data module carries its own position (``vit.data``), so a resumed run draws
-  the same batches, augmentations and dropout masks as an uninterrupted one.
+  checkpoints; the image data module carries its own position (``vit.data``), so a resumed run
+  draws the same batches, augmentations and dropout masks as an uninterrupted one. The text
+  data module draws each epoch's order from its seed and the epoch (``vit.text_data``): a text
+  run resumed mid-epoch draws that epoch's order again from its start.
 - ``find_last_checkpoint`` resolves ``--ckpt_path last`` across the ``version_N`` folders of a
   root directory, skipping files that cannot be read.
 """

@@ -23,7 +23,8 @@ from vit.checkpoint import SavedModel, save_bundle
 from vit.data import CIFAR10_MEAN, CIFAR10_STD, ImageSource, default_cache_dir, load_split
 from vit.measure import EvalSet, parameter_counts, positional_probes, tokens_per_sample
 from vit.model import TokenClassifier, build_model
-from vit.text_data import TextTable, label_classes
+from vit.optimizers import takes_weight_decay
+from vit.text_data import TextTable, label_classes, label_key
 from vit.tokenizer import TextTokenizer
 
 
@@ -65,9 +66,7 @@ def encode_texts(
         ids = torch.nn.functional.pad(
             ids[:, :length], (0, max(0, length - ids.shape[1])), value=tokenizer.pad_id
         )
-    keys = [
-        str(int(label)) if label.lstrip("+-").isdigit() else label for label in table.labels[:limit]
-    ]
+    keys = [label_key(label) for label in table.labels[:limit]]
     missing = sorted(set(keys) - set(index))
     if missing:
         raise ValueError(
@@ -79,9 +78,8 @@ def encode_texts(
 
 def train(model: TokenClassifier, data: EvalSet, budget: Budget) -> dict[str, float]:
     """``budget.steps`` AdamW steps on random batches of ``data``; the last losses and the time."""
-    no_decay = {"pos_embed", "cls_token"}
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and n not in no_decay]
-    keep = [p for n, p in model.named_parameters() if p.ndim < 2 or n in no_decay]
+    decay = [p for n, p in model.named_parameters() if takes_weight_decay(n, p)]
+    keep = [p for n, p in model.named_parameters() if not takes_weight_decay(n, p)]
     optimizer = torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": budget.weight_decay},

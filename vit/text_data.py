@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from vit.data import BatchTensorDataset, DataNotFoundError, feeds_cuda
+from vit.data import BatchTensorDataset, DataNotFoundError, feeds_cuda, held_out_count
 from vit.errors import ConfigError
-from vit.tokenizer import KINDS, TextTokenizer, is_blank
+from vit.tokenizer import KINDS, MIN_LENGTH, SPECIAL_TOKENS, TextTokenizer, is_blank
 
 SUFFIXES = (".tsv", ".csv")
 
@@ -104,11 +105,14 @@ def _is_utf8(line: bytes) -> bool:
 
 
 class LengthGroupedSampler(Sampler[int]):
-    """A fresh random order each epoch in which neighbouring texts have similar lengths.
+    """A random order for each epoch in which neighbouring texts have similar lengths.
 
     The shuffled indices are cut into megabatches of ``group * batch_size``, each sorted by
     length and cut into batches, and the batches are shuffled (Hugging Face's
-    ``LengthGroupedSampler``): batches stay random but carry little padding.
+    ``LengthGroupedSampler``): batches stay random but carry little padding. The order follows
+    from the seed and the epoch (``set_epoch``, which Lightning calls before each epoch), as
+    torch's ``DistributedSampler`` does, so a run resumed at an epoch's start draws the batches
+    an uninterrupted run would.
 
     Args:
         lengths: Token count of every text.
@@ -121,29 +125,36 @@ class LengthGroupedSampler(Sampler[int]):
         self.lengths = lengths
         self.batch_size = batch_size
         self.group = group
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the order of ``epoch`` from now on."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def __iter__(self) -> Iterator[int]:
-        order = torch.randperm(len(self.lengths), generator=self.generator)
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator)
         batches = [
             batch
             for mega in order.split(self.group * self.batch_size)
             for batch in mega[self.lengths[mega].argsort(descending=True, stable=True)].split(self.batch_size)
         ]
         # The one short batch goes last, so that every batch the loader cuts is a whole one.
-        shuffled = sorted(torch.randperm(len(batches), generator=self.generator).tolist(),
+        shuffled = sorted(torch.randperm(len(batches), generator=generator).tolist(),
                           key=lambda i: len(batches[i]) < self.batch_size)
         return iter(torch.cat([batches[i] for i in shuffled]).tolist())
 
 
 def _is_int(label: str) -> bool:
-    return label.lstrip("+-").isdigit()
+    return re.fullmatch(r"[+-]?[0-9]+", label) is not None
 
 
-def _key(label: str) -> str:
+def label_key(label: str) -> str:
+    """The label as the class maps know it: integers in their plain form ("02" -> "2")."""
     return str(int(label)) if _is_int(label) else label
 
 
@@ -160,7 +171,7 @@ def label_classes(labels: list[str], names: list[str] | None = None) -> tuple[li
             raise ConfigError(f"--data.class_names {names} names fewer than two classes.")
         keys = [str(i) for i in range(len(names))] if integers else list(names)
         return list(names), {key: i for i, key in enumerate(keys)}
-    classes = sorted({_key(label) for label in labels}, key=int if integers else None)
+    classes = sorted({label_key(label) for label in labels}, key=int if integers else None)
     if len(classes) < 2:
         raise ConfigError(
             f"every training label is {classes[0]!r}: a classifier needs at least two classes."
@@ -226,6 +237,15 @@ class TextDataModule(L.LightningDataModule):
             raise ConfigError(f"--data.val_fraction must be in [0, 1), got {val_fraction}.")
         if batch_size < 1:
             raise ConfigError(f"--data.batch_size must be at least 1, got {batch_size}.")
+        if not tokenizer_file and vocab_size <= len(SPECIAL_TOKENS):
+            raise ConfigError(
+                f"--data.vocab_size {vocab_size} leaves no room beside the {len(SPECIAL_TOKENS)} "
+                f"special tokens: choose a larger vocabulary (a few hundred for char, thousands "
+                f"otherwise)."
+            )
+        if not tokenizer_file and max_length < MIN_LENGTH:
+            raise ConfigError(f"--data.max_length {max_length} is below {MIN_LENGTH} ([CLS], one "
+                              f"token, [SEP]).")
         self.root = Path(root).expanduser()
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -245,7 +265,10 @@ class TextDataModule(L.LightningDataModule):
         if self.files["val"] is None and val_fraction > 0:
             self._hold_out(val_fraction)
         if tokenizer_file:
-            self.tokenizer = TextTokenizer.load(tokenizer_file)
+            try:
+                self.tokenizer = TextTokenizer.load(tokenizer_file)
+            except (OSError, ValueError) as err:
+                raise ConfigError(f"--data.tokenizer_file {tokenizer_file}: {err}") from None
         else:
             self.tokenizer = TextTokenizer.train(
                 self.tables["train"][0], tokenizer_kind, vocab_size, max_length, lowercase=lowercase
@@ -273,7 +296,7 @@ class TextDataModule(L.LightningDataModule):
         return found[0] if found else None
 
     def _indices(self, labels: list[str], path: Path) -> torch.Tensor:
-        keys = [_key(label) for label in labels]
+        keys = [label_key(label) for label in labels]
         unknown = sorted(set(keys) - set(self._label_index))
         if unknown:
             raise ConfigError(
@@ -286,7 +309,7 @@ class TextDataModule(L.LightningDataModule):
     def _hold_out(self, fraction: float) -> None:
         texts, labels = self.tables["train"]
         order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(self.seed))
-        num_val = round(len(texts) * fraction)
+        num_val = held_out_count(len(texts), fraction, "texts")
         val, train = order[:num_val], order[num_val:]
         self.tables["val"] = ([texts[i] for i in val.tolist()], labels[val])
         self.tables["train"] = ([texts[i] for i in train.tolist()], labels[train])
@@ -355,6 +378,10 @@ class TextDataModule(L.LightningDataModule):
         ids, labels = batch
         length = int((ids != self.tokenizer.pad_id).sum(dim=1).max())
         return ids[:, :length], labels
+
+    def has_split(self, split: str) -> bool:
+        """Whether the data holds any texts of ``split`` ("train", "val" or "test")."""
+        return split in self.tables and len(self.tables[split][0]) > 0
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
