@@ -56,9 +56,15 @@ def test_the_test_after_fit_scores_the_best_or_the_last_weights_as_asked(tmp_pat
     best = fit(tmp_path / "best", "--trainer.max_epochs", "2")
     assert Path(best.trainer.ckpt_path).name.startswith("epoch")
     last = fit(tmp_path / "last", "--trainer.max_epochs", "2", "--test_weights", "last")
-    assert Path(last.trainer.ckpt_path).name == "last.ckpt"
-    state = torch.load(last.trainer.ckpt_path, map_location="cpu", weights_only=True)
+    assert last.trainer.ckpt_path is None  # the weights in memory, at the last step
+    state = torch.load(Path(last.trainer.log_dir) / "checkpoints" / "last.ckpt", map_location="cpu",
+                       weights_only=True)
     assert state["global_step"] == 8 and "test/acc" in last.trainer.callback_metrics
+    for name, saved in state["state_dict"].items():
+        torch.testing.assert_close(last.model.state_dict()[name], saved, rtol=0, atol=0)
+    # a fit that --trainer.max_steps ends inside its first epoch, before any last.ckpt
+    cut = fit(tmp_path / "cut", "--trainer.max_steps", "3", "--test_weights", "last")
+    assert cut.trainer.global_step == 3 and "test/acc" in cut.trainer.callback_metrics
 
 
 @pytest.mark.parametrize("workers", ["0", "2"])  # augmented on the device, or partly in workers

@@ -177,9 +177,9 @@ class TrainCLI(LightningCLI):
                            "test; add one to test the model, or pass --test_after_fit false.")
             return
         if self._get(self.config, "test_weights") == "last":
-            ckpt = next(str(Path(callback.dirpath) / "last.ckpt")
-                        for callback in self.trainer.checkpoint_callbacks
-                        if callback.filename == "last")
+            # The weights in memory: those at the last step (EMA's average, when it runs), also
+            # where --trainer.max_steps ends the fit inside an epoch, after the last last.ckpt.
+            ckpt = None
         else:
             ckpt = self.trainer.checkpoint_callback.best_model_path or None
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
