@@ -180,8 +180,16 @@ def test_weights_of_another_shape_are_refused_clearly(tmp_path: Path) -> None:
     path = tmp_path / "other.pth"
     torch.save({"model": timm_model.state_dict()}, path)
     assert "cls_token" in load_weights_file(path)
-    with pytest.raises(CheckpointError, match=r"do not fit this model.*patch_embed.proj.weight"):
+    with pytest.raises(CheckpointError, match=r"other.pth does not fit this model.*patch_embed.proj.weight"):
         fit(tmp_path, "--model.init_from", str(path))
+    deeper = VisionTransformer(img_size=32, patch_size=4, num_classes=10, embed_dim=64, depth=3,
+                               num_heads=2, mlp_ratio=2.0)  # nano's shape with a third block
+    save_file(deeper.state_dict(), tmp_path / "deeper.safetensors")
+    message = (r"deeper.safetensors does not fit this model: of its tensors, 12 the model lacks "
+               r"\(blocks.2.attn.proj.bias, .* and 9 more\). The weights have embed_dim 64, depth 3, "
+               r"patch_size 4; the model has embed_dim 64, depth 2, patch_size 4")
+    with pytest.raises(CheckpointError, match=message):
+        fit(tmp_path, "--model.init_from", str(tmp_path / "deeper.safetensors"))
 
 
 @pytest.mark.parametrize("content", [b"", b"\x00garbage"])

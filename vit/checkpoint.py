@@ -102,13 +102,33 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _shape_summary(state: dict[str, torch.Tensor]) -> str:
+    """Width, depth and patch size as far as a state dict shows them."""
+    blocks = {int(key.split(".")[1]) for key in state if key.startswith("blocks.")}
+    parts = []
+    if "cls_token" in state:
+        parts.append(f"embed_dim {state['cls_token'].shape[-1]}")
+    if blocks:
+        parts.append(f"depth {max(blocks) + 1}")
+    if "patch_embed.proj.weight" in state:
+        parts.append(f"patch_size {state['patch_embed.proj.weight'].shape[-1]}")
+    return ", ".join(parts) or "no ViT parameters"
+
+
+def _listed(keys: list[str], shown: int = 3) -> str:
+    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+    return ", ".join(keys[:shown]) + more
+
+
 def fit_state_dict(
-    state: dict[str, torch.Tensor], model: TokenClassifier
+    state: dict[str, torch.Tensor], model: TokenClassifier, source: str | Path = "the weights"
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Adapt ``state`` to ``model``: resample image positions, drop a head of another size.
 
     Returns the adapted state dict and the names of the model's parameters it leaves at
-    their initial values (the head, when the number of classes differs).
+    their initial values (the head, when the number of classes differs). Raises a
+    ``CheckpointError`` naming ``source`` when any other tensor is missing, left over (a deeper
+    model's blocks) or of another shape.
     """
     state = dict(state)
     own = model.state_dict()
@@ -122,22 +142,28 @@ def fit_state_dict(
             del state[key]
             fresh.append(key)
     mismatched = [
-        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        f"{k} {tuple(v.shape)} against {tuple(own[k].shape)}"
         for k, v in state.items() if k in own and v.shape != own[k].shape
     ]
     missing = sorted(set(own) - set(state) - set(fresh))
-    if mismatched or missing:
-        details = "; ".join(mismatched + ([f"missing: {', '.join(missing[:8])}"] if missing else []))
+    surplus = sorted(set(state) - set(own))
+    if mismatched or missing or surplus:
+        problems = [f"{len(mismatched)} of another shape ({_listed(mismatched)})" if mismatched else "",
+                    f"{len(missing)} missing ({_listed(missing)})" if missing else "",
+                    f"{len(surplus)} the model lacks ({_listed(surplus)})" if surplus else ""]
         raise CheckpointError(
-            f"the weights do not fit this model ({details}). Choose the variant, patch size "
-            f"and embed_dim the weights were trained with."
+            f"{source} does not fit this model: of its tensors, "
+            f"{'; '.join(p for p in problems if p)}. The weights have {_shape_summary(state)}; "
+            f"the model has {_shape_summary(own)}. Set --model.variant, --model.embed_dim, "
+            f"--model.depth, --model.num_heads, --model.mlp_ratio and --model.patch_size to the "
+            f"weights' shape."
         )
-    return {k: v for k, v in state.items() if k in own}, fresh
+    return state, fresh
 
 
 def load_into(model: TokenClassifier, path: str | Path) -> list[str]:
     """Load a weights file into ``model`` (fitting it first); returns the re-initialised keys."""
-    state, fresh = fit_state_dict(load_weights_file(path), model)
+    state, fresh = fit_state_dict(load_weights_file(path), model, source=path)
     model.load_state_dict(state, strict=False)
     return fresh
 
