@@ -151,6 +151,21 @@ def test_an_unknown_option_is_named_without_pages_of_usage(tmp_path: Path, capsy
     assert "fit --help" in err and len(err.splitlines()) <= 4, err
 
 
+@pytest.mark.parametrize(("option", "message"), [
+    ("--data.rot", r"--data.rot is not an option of vit.data.ImageDataModule \(\S+ fit --data.help "
+                   r"vit.data.ImageDataModule lists its options\)"),
+    ("--data.batch_size", r"--data.batch_size: Expected a <class 'int'>. Got value: abc \("),
+])
+def test_a_bad_data_option_is_named_and_where_its_options_are_listed(
+    option: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        fit(tmp_path, option, "abc")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and re.search(f"error: {message}", err), err
+    assert "Union subtypes" not in err and "NestedArg" not in err
+
+
 def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import lightning as L
 import torch
@@ -37,6 +38,34 @@ USER_ERRORS = (
     MisconfigurationException,
 )
 SUBCOMMAND_USAGE = "%(prog)s [--config FILE] [--OPTION VALUE ...]"
+
+_UNION_ERROR = re.compile(
+    r'Parser key "(?P<group>\w+)":\s+Does not validate against any of the Union subtypes.*?'
+    r"Problem with given class_path '(?P<cls>[\w.]+)':\s*(?P<problem>.*?)\n\s*- Expected a "
+    r"<class 'NoneType'>",
+    re.DOTALL,
+)
+
+
+def plain_option_error(message: str, prog: str) -> str:
+    """jsonargparse's message for a bad ``--data.*`` option (a subclass, so a union with None)
+    as the one problem it holds, named as the command line names it."""
+    found = _UNION_ERROR.search(message)
+    if found is None:
+        return message
+    group, cls = found["group"], found["cls"]
+    problem = re.sub(r"Option '(\w+)' is not accepted",
+                     lambda m: f"--{group}.{m[1]} is not an option of {cls}", found["problem"])
+    problem = re.sub(r'Parser key "(\w+)":\s*', lambda m: f"--{group}.{m[1]}: ", problem)
+    problem = " ".join(problem.split())
+    return f"{problem} ({prog} --{group}.help {cls} lists its options)"
+
+
+class ArgumentParser(LightningArgumentParser):
+    """Lightning's parser, whose errors about ``--data.*`` options say which option and why."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        super().error(plain_option_error(message, self.prog.replace(" [options]", "")), ex)
 
 
 def default_loggers(save_dir: str) -> list[Logger]:
@@ -73,6 +102,7 @@ class TrainCLI(LightningCLI):
             Classifier,
             L.LightningDataModule,
             subclass_mode_data=True,
+            parser_class=ArgumentParser,
             trainer_defaults={
                 "default_root_dir": "runs",
                 "callbacks": [
