@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vit.attention_maps import attention_rollout, capture_attention
-from vit.compare import load_image_side, load_text_side, main, tokenization, train_tokenizers
+from vit.compare import load_image_side, load_text_side, main, run, tokenization, train_tokenizers
 from vit.matched import Budget, run_matched
 from vit.measure import (
     EvalSet,
@@ -259,6 +259,27 @@ def test_tokens_command_prints_patches_and_every_tokenizer(capsys: pytest.Captur
     assert "64 patch tokens + CLS = 65 tokens, 48 values each" in printed
     for kind in ("word", "char", "bpe", "wordpiece"):
         assert f"\n{kind} (vocabulary" in printed
+
+
+@pytest.mark.parametrize("case", ["missing texts", "not an image", "missing checkpoint", "no images"])
+def test_a_users_mistake_is_one_line_naming_the_option_or_file(
+    case: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "notes.jpg").write_text("not a picture")
+    args, message = {
+        "missing texts": (["tokens", "--text", "hi", "--text-train", str(tmp_path / "none.tsv")],
+                          "none.tsv: no such file."),
+        "not an image": (["tokens", "--image", str(tmp_path / "notes.jpg")],
+                         "notes.jpg: not an image"),
+        "missing checkpoint": (["report", "--image-checkpoint", str(tmp_path / "none.ckpt")],
+                               "none.ckpt: no such file"),
+        "no images": (["report", "--image-root", str(tmp_path)],
+                      f"no image data at --image-root {tmp_path} (found no train/ folder)"),
+    }[case]
+    assert run([*args, "--out", str(tmp_path / "out")] if args[0] == "report" else args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+    assert "--data." not in err
 
 
 def test_matched_models_saved_as_bundles_reproduce_their_accuracy(tmp_path: Path) -> None:

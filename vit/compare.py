@@ -30,10 +30,12 @@ from vit import figures
 from vit.allocator import keep_freed_memory
 from vit.attention_maps import attention_rollout, capture_attention
 from vit.augment import normalize
-from vit.checkpoint import load_saved_model
-from vit.data import CIFAR10_MEAN, CIFAR10_STD, ImageSource, default_cache_dir, load_split
-from vit.errors import positive_float, positive_int
-from vit.imageio import load_image
+from vit.checkpoint import CheckpointError, load_saved_model
+from vit.data import (
+    CIFAR10_MEAN, CIFAR10_STD, DataNotFoundError, ImageSource, default_cache_dir, load_split,
+)
+from vit.errors import ConfigError, positive_float, positive_int
+from vit.imageio import ImageDecodeError, load_image
 from vit.matched import Budget, encode_texts, run_matched
 from vit.measure import (
     EvalSet,
@@ -78,7 +80,7 @@ def load_image_side(checkpoint: str | None, root: Path, variant: str, seed: int)
     else:
         spec = {
             "modality": "image",
-            "class_names": ImageSource(root).class_names,
+            "class_names": ImageSource(root, "--image-root").class_names,
             "image_size": 32,
             "mean": list(CIFAR10_MEAN),
             "std": list(CIFAR10_STD),
@@ -86,7 +88,7 @@ def load_image_side(checkpoint: str | None, root: Path, variant: str, seed: int)
         torch.manual_seed(seed)
         model = build_model(spec, variant=variant)
         source = f"freshly initialised ({variant}, seed {seed}, patch 4)"
-    image_source = ImageSource(root)
+    image_source = ImageSource(root, "--image-root")
     if image_source.class_names != list(spec["class_names"]):
         raise ValueError(
             f"the image model's classes {spec['class_names']} differ from the class folders of "
@@ -745,7 +747,19 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def run(argv: list[str] | None = None) -> int:
+    """``main`` as a program: a user's mistake (a missing checkpoint, data or file) is one line
+    on stderr and exit status 2."""
+    try:
+        main(argv)
+    except (CheckpointError, DataNotFoundError, ConfigError, ImageDecodeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Run a subcommand (``argv`` instead of ``sys.argv[1:]`` when given)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("report", "tokens", "matched", "-h", "--help"):
         argv = ["report", *argv]
@@ -784,4 +798,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run())

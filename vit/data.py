@@ -64,20 +64,22 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vit"
 
 
-def _missing_data_message(root: Path, reason: str) -> str:
+def _missing_data_message(root: Path, reason: str, option: str = "--data.root") -> str:
+    download = (f"; or, with network access, set --data.download true to fetch CIFAR-10 into "
+                f"{root}" if option == "--data.root" else "")
     return (
-        f"no image data at --data.root {root} ({reason}). Point --data.root at a local copy: "
+        f"no image data at {option} {root} ({reason}). Point {option} at a local copy: "
         f"torchvision's '{CIFAR10_BATCHES}' folder (or the folder holding it), or an image "
-        f"folder laid out as train/<class>/*.jpg and test/<class>/*.jpg; or, with network "
-        f"access, set --data.download true to fetch CIFAR-10 into {root}."
+        f"folder laid out as train/<class>/*.jpg and test/<class>/*.jpg{download}."
     )
 
 
 class ImageSource:
     """Where the images of one data set live: a CIFAR-10 batches folder or an image folder."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    def __init__(self, root: Path, option: str = "--data.root") -> None:
+        """``option`` is the command-line option that named ``root``, for error messages."""
+        self.root, self.option = root, option
         if (root / CIFAR10_BATCHES).is_dir():
             self.kind, self.batches_dir = "cifar10", root / CIFAR10_BATCHES
         elif root.name == CIFAR10_BATCHES and root.is_dir():
@@ -85,7 +87,7 @@ class ImageSource:
         elif (root / "train").is_dir():
             self.kind, self.batches_dir = "folder", None
         else:
-            raise DataNotFoundError(_missing_data_message(root, "found no train/ folder"))
+            raise DataNotFoundError(_missing_data_message(root, "found no train/ folder", option))
         self.class_names = self._class_names()
 
     def _class_names(self) -> list[str]:
@@ -94,7 +96,9 @@ class ImageSource:
         splits = {s: self._folder_classes(s) for s in ("train", "test") if (self.root / s).is_dir()}
         if not splits["train"]:
             raise DataNotFoundError(
-                _missing_data_message(self.root, "train/ holds no class folders with images")
+                _missing_data_message(
+                    self.root, "train/ holds no class folders with images", self.option
+                )
             )
         if "test" in splits and splits["test"] != splits["train"]:
             only_train = sorted(set(splits["train"]) - set(splits["test"]))
@@ -142,7 +146,9 @@ class ImageSource:
             return self._decode_cifar10(split, image_size)
         files = self.files(split)
         if not files:
-            raise DataNotFoundError(_missing_data_message(self.root, f"{split}/ holds no images"))
+            raise DataNotFoundError(
+                _missing_data_message(self.root, f"{split}/ holds no images", self.option)
+            )
 
         def decode_or_report(path: Path) -> np.ndarray | str:
             try:

@@ -46,7 +46,7 @@ def image_split(
     root: Path, split: str, image_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """(N, 3, S, S) normalised CIFAR-statistics images, labels and class names of one split."""
-    source = ImageSource(root)
+    source = ImageSource(root, "--image-root")
     images, labels = load_split(source, split, image_size, default_cache_dir())
     return normalize(images, CIFAR10_MEAN, CIFAR10_STD), labels, source.class_names
 

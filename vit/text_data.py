@@ -40,6 +40,8 @@ class TextTable:
 
     def __init__(self, path: Path, text_column: str, label_column: str) -> None:
         self.path = path
+        if not path.is_file():
+            raise DataNotFoundError(f"{path}: no such file.")
         raw = path.read_bytes()
         try:
             content = raw.decode("utf-8-sig")
