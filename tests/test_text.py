@@ -192,6 +192,11 @@ def test_data_errors_name_the_file_and_the_fix(tmp_path: Path) -> None:
     write(tmp_path / "b" / "test.tsv", ["label\tsentence", "2\tugly"])
     with pytest.raises(ValueError, match=r"test.tsv has labels \['2'\]"):
         TextDataModule(str(tmp_path / "b"))
+    write(tmp_path / "n" / "train.tsv", ["label\tsentence", "neg\tbad", "pos\tgood"])
+    with pytest.raises(ConfigError, match=r"train.tsv has labels \['neg', 'pos'\] that "
+                                          r"--data.class_names \['negative', 'positive'\] does not "
+                                          r"name .* --data.class_names null"):
+        TextDataModule(str(tmp_path / "n"), class_names=["negative", "positive"], val_fraction=0)
     write(tmp_path / "q" / "train.csv", ["label,sentence", "0,bad", '1,"good' + " and long" * 20000])
     with pytest.raises(ValueError, match=r"train.csv, line \d+: .*unclosed quote"):
         TextDataModule(str(tmp_path / "q"))

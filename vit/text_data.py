@@ -259,6 +259,7 @@ class TextDataModule(L.LightningDataModule):
         }
         train = TextTable(self.files["train"], text_column, label_column)
         self.class_names, self._label_index = label_classes(train.labels, class_names)
+        self._classes_named = class_names is not None
         self.tables = {"train": (train.texts, self._indices(train.labels, self.files["train"]))}
         for split in ("val", "test"):
             if self.files[split] is not None:
@@ -300,6 +301,13 @@ class TextDataModule(L.LightningDataModule):
     def _indices(self, labels: list[str], path: Path) -> torch.Tensor:
         keys = [label_key(label) for label in labels]
         unknown = sorted(set(keys) - set(self._label_index))
+        if unknown and self._classes_named:
+            raise ConfigError(
+                f"{path} has labels {unknown[:10]} that --data.class_names "
+                f"{self.class_names[:20]} does not name (integer labels index it): name them "
+                f"there, or pass --data.class_names null to take the classes from the training "
+                f"labels."
+            )
         if unknown:
             raise ConfigError(
                 f"{path} has labels {unknown[:10]} that are not among the classes "
