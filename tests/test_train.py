@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
 from vit.checkpoint import CheckpointError, load_weights_file
-from vit.cli import main
+from vit.cli import main, run
 from vit.errors import ConfigError
 from vit.lit import Classifier
 from vit.model import ImageClassifier, encoder_config
@@ -190,6 +190,19 @@ def test_weights_of_another_shape_are_refused_clearly(tmp_path: Path) -> None:
                r"patch_size 4; the model has embed_dim 64, depth 2, patch_size 4")
     with pytest.raises(CheckpointError, match=message):
         fit(tmp_path, "--model.init_from", str(tmp_path / "deeper.safetensors"))
+
+
+def test_a_checkpoint_of_another_shape_is_refused_before_loading(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    cli = fit(tmp_path / "nano")
+    ckpt = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    code = run(["test", "--config", str(REPO / "configs" / "sst2_cpu.yaml"), "--ckpt_path", str(ckpt),
+                "--trainer.default_root_dir", str(tmp_path / "text")])  # a text recipe
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    assert ("error: the checkpoint's image model (embed_dim 64, depth 2, patch_size 4) does not fit "
+            "the text model this configuration builds (embed_dim 64, depth 2)") in err
 
 
 @pytest.mark.parametrize("content", [b"", b"\x00garbage"])

@@ -102,7 +102,7 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _shape_summary(state: dict[str, torch.Tensor]) -> str:
+def shape_summary(state: dict[str, torch.Tensor]) -> str:
     """Width, depth and patch size as far as a state dict shows them."""
     blocks = {int(key.split(".")[1]) for key in state if key.startswith("blocks.")}
     parts = []
@@ -153,8 +153,8 @@ def fit_state_dict(
                     f"{len(surplus)} the model lacks ({_listed(surplus)})" if surplus else ""]
         raise CheckpointError(
             f"{source} does not fit this model: of its tensors, "
-            f"{'; '.join(p for p in problems if p)}. The weights have {_shape_summary(state)}; "
-            f"the model has {_shape_summary(own)}. Set --model.variant, --model.embed_dim, "
+            f"{'; '.join(p for p in problems if p)}. The weights have {shape_summary(state)}; "
+            f"the model has {shape_summary(own)}. Set --model.variant, --model.embed_dim, "
             f"--model.depth, --model.num_heads, --model.mlp_ratio and --model.patch_size to the "
             f"weights' shape."
         )

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from vit.checkpoint import load_into
+from vit.checkpoint import CheckpointError, load_into, shape_summary
 from vit.errors import ConfigError, divisors_text
 from vit.loss_watch import NonFiniteLossWatch
 from vit.model import build_model, encoder_config
@@ -237,6 +237,7 @@ class Classifier(L.LightningModule):
             checkpoint["tokenizer"] = self.tokenizer_json
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_fits(checkpoint)
         self.tokenizer_json = checkpoint.get("tokenizer", self.tokenizer_json)
         trained_with = checkpoint.get("hyper_parameters", {}).get("optimizer", "adamw")
         if checkpoint.get("optimizer_states") and trained_with != self.hparams.optimizer:
@@ -245,6 +246,21 @@ class Classifier(L.LightningModule):
                 f"for {self.hparams.optimizer}: resume with --model.optimizer {trained_with}, or "
                 "start a new run from its weights with --model.init_from."
             )
+
+    def _check_fits(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, before Lightning loads it, a checkpoint whose network has other tensors."""
+        saved = {key.removeprefix("net."): value
+                 for key, value in checkpoint.get("state_dict", {}).items() if key.startswith("net.")}
+        own = self.net.state_dict()
+        if saved.keys() == own.keys() and all(saved[k].shape == v.shape for k, v in own.items()):
+            return
+        saved_modality = checkpoint.get("hyper_parameters", {}).get("data_spec", {}).get("modality")
+        raise CheckpointError(
+            f"the checkpoint's {saved_modality or 'unknown'} model ({shape_summary(saved)}) does "
+            f"not fit the {self.hparams.data_spec['modality']} model this configuration builds "
+            f"({shape_summary(own)}): use the configuration it was trained with (config.yaml in "
+            f"its run folder), or start a new run from its weights with --model.init_from."
+        )
 
     def setup(self, stage: str) -> None:
         low_res_size = getattr(self.trainer.datamodule, "low_res_size", 0)
