@@ -97,6 +97,7 @@ BAD_CONFIGS = {
     "heads": (["--model.num_heads", "3"], "--model.num_heads 3 does not divide"),
     "no heads": (["--model.num_heads", "0"], "--model.num_heads must be at least 1, got 0."),
     "no blocks": (["--model.depth", "0"], "--model.depth must be at least 1, got 0."),
+    "no pixels": (["--data.image_size", "0"], "--data.image_size must be at least 1, got 0."),
     "all warmup": (["--model.warmup_fraction", "1.0"],
                    "--model.warmup_fraction must be in [0, 1), got 1.0."),
     "validation split of none": (["--data.root", "{tmp}/two_images"],

@@ -413,6 +413,10 @@ class ImageDataModule(L.LightningDataModule):
             raise ConfigError(f"--data.val_fraction must be in [0, 1), got {val_fraction}.")
         if batch_size < 1:
             raise ConfigError(f"--data.batch_size must be at least 1, got {batch_size}.")
+        if image_size < 1:
+            raise ConfigError(f"--data.image_size must be at least 1, got {image_size}.")
+        if crop_padding < 0:
+            raise ConfigError(f"--data.crop_padding must be 0 (no crops) or more, got {crop_padding}.")
         if not 0 <= random_erasing <= 1:
             raise ConfigError(f"--data.random_erasing is a probability in [0, 1], got {random_erasing}.")
         for name, alpha in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
