@@ -69,6 +69,19 @@ def test_a_bundle_exports_again_unchanged(image_checkpoint: Path, tmp_path: Path
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
+def test_exporting_over_a_bundle_leaves_no_file_of_the_old_one_and_readable_weights(
+    image_checkpoint: Path, text_checkpoint: Path, tmp_path: Path, capsys
+) -> None:
+    bundle = tmp_path / "bundle"
+    assert export([str(text_checkpoint), str(bundle)]) == 0
+    (bundle / "model.onnx").write_bytes(b"an earlier export's graph")
+    assert export([str(image_checkpoint), str(bundle)]) == 0
+    assert "removed " + str(bundle / "model.onnx") in capsys.readouterr().err
+    assert sorted(p.name for p in bundle.iterdir()) == ["config.json", "model.safetensors"]
+    config_mode = (bundle / "config.json").stat().st_mode & 0o777
+    assert (bundle / "model.safetensors").stat().st_mode & 0o777 == config_mode
+
+
 @pytest.mark.parametrize("checkpoint", ["image_checkpoint", "text_checkpoint"])
 def test_onnx_graph_matches_pytorch_at_any_batch_size(
     checkpoint: str, tmp_path: Path, request: pytest.FixtureRequest

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from vit.embed import resample_pos_embed
 from vit.model import ImageClassifier, TokenClassifier, build_model, encoder_config
@@ -322,10 +322,14 @@ def save_bundle(saved: SavedModel, out_dir: str | Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     config_path, weights = out_dir / BUNDLE_CONFIG, out_dir / BUNDLE_WEIGHTS
     state = {k: v.detach().contiguous() for k, v in saved.model.state_dict().items()}
-    save_file(state, weights, metadata={"format": BUNDLE_FORMAT})
+    # Written by Python, not by save_file, whose files are readable by their owner only: a
+    # service that runs as another user reads the bundle, as it reads config.json.
+    weights.write_bytes(save(state, metadata={"format": BUNDLE_FORMAT}))
     config_path.write_text(json.dumps(saved.config(), indent=2) + "\n", encoding="utf-8")
     written = [config_path, weights]
     if saved.tokenizer is not None:
         saved.tokenizer.save(out_dir / BUNDLE_TOKENIZER)
         written.append(out_dir / BUNDLE_TOKENIZER)
+    else:
+        (out_dir / BUNDLE_TOKENIZER).unlink(missing_ok=True)  # an earlier text bundle's
     return written

@@ -74,8 +74,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"{args.out_dir}: the bundle to write is the one being read; "
                              f"choose another OUT_DIR.")
         written = save_bundle(saved, args.out_dir)
+        onnx_path = Path(args.out_dir) / ONNX_FILE
         if args.onnx:
-            written.append(export_onnx(saved, Path(args.out_dir) / ONNX_FILE))
+            written.append(export_onnx(saved, onnx_path))
+        elif onnx_path.exists():
+            onnx_path.unlink()
+            print(f"removed {onnx_path}, an earlier export's graph; --onnx writes this model's",
+                  file=sys.stderr)
     except (CheckpointError, ValueError, OSError, ModuleNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
