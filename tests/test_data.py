@@ -109,8 +109,9 @@ def test_missing_data_without_network_says_how_to_point_at_a_copy(tmp_path: Path
 
     monkeypatch.setattr(tv_utils, "download_url", offline)
     dm = ImageDataModule(str(tmp_path / "nowhere"), download=True)
-    with pytest.raises(DataNotFoundError, match=r"download failed.*Point --data.root at a local copy.*cifar-10-batches-py"):
+    with pytest.raises(DataNotFoundError, match=r"download failed.*Point --data.root at a local copy.*cifar-10-batches-py") as failed:
         dm.prepare_data()
+    assert "--data.download true" not in str(failed.value)  # it was set, and the network failed
     with pytest.raises(DataNotFoundError, match="found no train/ folder.*--data.download true"):
         ImageDataModule(str(tmp_path / "nowhere"), download=False)
 

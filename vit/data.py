@@ -64,9 +64,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vit"
 
 
-def _missing_data_message(root: Path, reason: str, option: str = "--data.root") -> str:
+def _missing_data_message(
+    root: Path, reason: str, option: str = "--data.root", offer_download: bool = True
+) -> str:
     download = (f"; or, with network access, set --data.download true to fetch CIFAR-10 into "
-                f"{root}" if option == "--data.root" else "")
+                f"{root}" if option == "--data.root" and offer_download else "")
     return (
         f"no image data at {option} {root} ({reason}). Point {option} at a local copy: "
         f"torchvision's '{CIFAR10_BATCHES}' folder (or the folder holding it), or an image "
@@ -495,7 +497,8 @@ class ImageDataModule(L.LightningDataModule):
                 CIFAR10(str(self.root), train=train, download=True)
         except Exception as err:  # URLError, socket errors, HTTP errors, bad archives
             raise DataNotFoundError(
-                _missing_data_message(self.root, f"the CIFAR-10 download failed: {err}")
+                _missing_data_message(self.root, f"the CIFAR-10 download failed: {err}",
+                                      offer_download=False)
             ) from None
 
     def setup(self, stage: str | None = None) -> None:
