@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 from torchvision.transforms import v2
 
+from benchmarks import image_root
 from benchmarks.pipeline import TrainingStandIn, training_epochs
 from benchmarks.throughput import parse_device, synchronize
 from vit.augment import (
@@ -79,7 +80,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=10, help="calls per timed repeat")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads on the CPU")
-    parser.add_argument("--root", default=None,
+    parser.add_argument("--root", type=image_root, default=None,
                         help="CIFAR-10 or an image folder: also time the training loader")
     parser.add_argument("--loader-workers", type=int, nargs="+", default=[0, 2],
                         help="loader worker counts to time (with --root)")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import image_root
 from vit.augment import normalize
 from vit.checkpoint import load_saved_model, torch_load_safely
 from vit.data import ImageSource, default_cache_dir, load_split
@@ -36,7 +37,7 @@ def accuracy(model: ImageClassifier, images: torch.Tensor, labels: torch.Tensor,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", type=Path, help="a .ckpt written by train.py")
-    parser.add_argument("--root", type=Path, required=True, help="the data root holding test/")
+    parser.add_argument("--root", type=image_root, required=True, help="the data root holding test/")
     args = parser.parse_args()
 
     saved = load_saved_model(args.checkpoint)

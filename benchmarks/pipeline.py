@@ -30,6 +30,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
+from benchmarks import image_root
 from vit.data import CIFAR10_MEAN, CIFAR10_STD, ImageDataModule
 from vit.lit import Classifier
 from vit.model import ImageClassifier, encoder_config
@@ -143,7 +144,7 @@ def lightning_overhead(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", default="data/cifar10-sample")
+    parser.add_argument("--root", type=image_root, default="data/cifar10-sample")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--batches", type=int, default=50, help="batches per timed repeat")
     parser.add_argument("--repeats", type=int, default=3)

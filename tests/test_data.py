@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from conftest import run_benchmark
 from vit.augment import (
     apply_auto_augment,
     auto_augment,
@@ -348,3 +349,10 @@ def test_downscale_averages_neighbouring_pixels() -> None:
 def test_bad_augmentation_options_are_named(sample_root: Path, options: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         ImageDataModule(str(sample_root), download=False, **options)
+
+
+def test_a_benchmark_given_a_root_without_images_says_so_in_one_line(tmp_path: Path) -> None:
+    done = run_benchmark("pipeline", "--root", str(tmp_path))  # its --root is benchmarks.image_root
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"error: argument --root: no image data at --root {tmp_path} (found no train/ folder)" \
+        in done.stderr
