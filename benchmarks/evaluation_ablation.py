@@ -37,7 +37,8 @@ def accuracy(model: ImageClassifier, images: torch.Tensor, labels: torch.Tensor,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", type=Path, help="a .ckpt written by train.py")
-    parser.add_argument("--root", type=image_root, required=True, help="the data root holding test/")
+    parser.add_argument("--root", type=image_root, required=True,
+                        help="the data root holding test/")
     args = parser.parse_args()
 
     saved = load_saved_model(args.checkpoint)

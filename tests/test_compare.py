@@ -261,7 +261,9 @@ def test_tokens_command_prints_patches_and_every_tokenizer(capsys: pytest.Captur
         assert f"\n{kind} (vocabulary" in printed
 
 
-@pytest.mark.parametrize("case", ["missing texts", "not an image", "missing checkpoint", "no images"])
+@pytest.mark.parametrize(
+    "case", ["missing texts", "not an image", "missing checkpoint", "no images"]
+)
 def test_a_users_mistake_is_one_line_naming_the_option_or_file(
     case: str, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -70,7 +70,7 @@ def test_a_bundle_exports_again_unchanged(image_checkpoint: Path, tmp_path: Path
 
 
 def test_exporting_over_a_bundle_leaves_no_file_of_the_old_one_and_readable_weights(
-    image_checkpoint: Path, text_checkpoint: Path, tmp_path: Path, capsys
+    image_checkpoint: Path, text_checkpoint: Path, tmp_path: Path, capsys, monkeypatch
 ) -> None:
     bundle = tmp_path / "bundle"
     assert export([str(text_checkpoint), str(bundle)]) == 0
@@ -80,6 +80,14 @@ def test_exporting_over_a_bundle_leaves_no_file_of_the_old_one_and_readable_weig
     assert sorted(p.name for p in bundle.iterdir()) == ["config.json", "model.safetensors"]
     config_mode = (bundle / "config.json").stat().st_mode & 0o777
     assert (bundle / "model.safetensors").stat().st_mode & 0o777 == config_mode
+
+    def no_onnx(*args) -> None:
+        raise ModuleNotFoundError("--onnx needs onnx")
+
+    (bundle / "model.onnx").write_bytes(b"an earlier export's graph")
+    monkeypatch.setattr("vit.export.export_onnx", no_onnx)
+    assert export([str(image_checkpoint), str(bundle), "--onnx"]) == 2  # the graph failed
+    assert not (bundle / "model.onnx").exists()
 
 
 @pytest.mark.parametrize("checkpoint", ["image_checkpoint", "text_checkpoint"])

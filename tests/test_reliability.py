@@ -165,6 +165,10 @@ def test_a_bad_data_option_is_named_and_where_its_options_are_listed(
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and re.search(f"error: {message}", err), err
     assert "Union subtypes" not in err and "NestedArg" not in err
+    with pytest.raises(SystemExit):  # no recipe, so no data module to take the option
+        run(["fit", option, "abc"])
+    assert "error: no data module is set, so --data options have nowhere to go: start from a " \
+           "recipe (--config configs/quickstart.yaml" in capsys.readouterr().err
 
 
 def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(

@@ -186,8 +186,8 @@ def test_weights_of_another_shape_are_refused_clearly(tmp_path: Path) -> None:
                                num_heads=2, mlp_ratio=2.0)  # nano's shape with a third block
     save_file(deeper.state_dict(), tmp_path / "deeper.safetensors")
     message = (r"deeper.safetensors does not fit this model: of its tensors, 12 the model lacks "
-               r"\(blocks.2.attn.proj.bias, .* and 9 more\). The weights have embed_dim 64, depth 3, "
-               r"patch_size 4; the model has embed_dim 64, depth 2, patch_size 4")
+               r"\(blocks.2.attn.proj.bias, .* and 9 more\). The weights have depth 3; the model "
+               r"has depth 2. Set --model.variant")
     with pytest.raises(CheckpointError, match=message):
         fit(tmp_path, "--model.init_from", str(tmp_path / "deeper.safetensors"))
 
@@ -197,12 +197,16 @@ def test_a_checkpoint_of_another_shape_is_refused_before_loading(
 ) -> None:
     cli = fit(tmp_path / "nano")
     ckpt = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
-    code = run(["test", "--config", str(REPO / "configs" / "sst2_cpu.yaml"), "--ckpt_path", str(ckpt),
-                "--trainer.default_root_dir", str(tmp_path / "text")])  # a text recipe
+    code = run(["test", "--config", str(REPO / "configs" / "sst2_cpu.yaml"),  # a text recipe
+                "--ckpt_path", str(ckpt), "--trainer.default_root_dir", str(tmp_path / "text")])
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err, err
-    assert ("error: the checkpoint's image model (embed_dim 64, depth 2, patch_size 4) does not fit "
-            "the text model this configuration builds (embed_dim 64, depth 2)") in err
+    assert ("error: the checkpoint's image model does not fit the text model this configuration "
+            "builds: of its tensors, 3 of another shape (pos_embed (1, 65, 64) against (1, 64, 64), "
+            "head.weight (10, 64) against (2, 64), head.bias (10,) against (2,)); 1 missing "
+            "(token_embed.weight); 2 the model lacks (patch_embed.proj.bias, "
+            "patch_embed.proj.weight). The checkpoint has patch_size 4, positions 65, classes 10; "
+            "this configuration positions 64, vocab_size") in err
 
 
 @pytest.mark.parametrize("content", [b"", b"\x00garbage"])

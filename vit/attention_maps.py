@@ -3,10 +3,10 @@
 ``capture_attention`` hooks every ``Attention`` module of a model for the duration of a
 ``with`` block: each call recomputes its softmax(QK^T / sqrt(d)) weights from the module's
 own input and projection, while the module itself keeps running its fused attention
-(``scaled_dot_product_attention``, or ``vit.cpu_attention``'s kernel). Outside the block no hook exists, so training and
-inference pay nothing. ``attention_rollout`` is Abnar & Zuidema (2020), "Quantifying
-Attention Flow in Transformers": head-averaged weights plus the residual identity,
-renormalised and multiplied from the first layer to the last.
+(``scaled_dot_product_attention``, or ``vit.cpu_attention``'s kernel). Outside the block no
+hook exists, so training and inference pay nothing. ``attention_rollout`` is Abnar & Zuidema
+(2020), "Quantifying Attention Flow in Transformers": head-averaged weights plus the residual
+identity, renormalised and multiplied from the first layer to the last.
 """
 
 from __future__ import annotations

@@ -102,26 +102,59 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def shape_summary(state: dict[str, torch.Tensor]) -> str:
-    """Width, depth and patch size as far as a state dict shows them."""
-    blocks = {int(key.split(".")[1]) for key in state if key.startswith("blocks.")}
-    parts = []
-    if "cls_token" in state:
-        parts.append(f"embed_dim {state['cls_token'].shape[-1]}")
+_SHAPE_FIELDS = {  # what a tensor tells of the network: its name and which of its sizes
+    "embed_dim": ("cls_token", -1), "mlp_hidden": ("blocks.0.mlp.fc1.weight", 0),
+    "patch_size": ("patch_embed.proj.weight", -1), "positions": ("pos_embed", 1),
+    "vocab_size": ("token_embed.weight", 0), "classes": ("head.weight", 0),
+}
+
+
+def shape_fields(state: dict[str, torch.Tensor]) -> dict[str, int]:
+    """The shape of the network a state dict holds, as far as its tensors show it."""
+    fields = {name: state[key].shape[dim]
+              for name, (key, dim) in _SHAPE_FIELDS.items() if key in state}
+    blocks = [int(key.split(".")[1]) for key in state
+              if key.startswith("blocks.") and key.split(".")[1].isdigit()]
     if blocks:
-        parts.append(f"depth {max(blocks) + 1}")
-    if "patch_embed.proj.weight" in state:
-        parts.append(f"patch_size {state['patch_embed.proj.weight'].shape[-1]}")
-    return ", ".join(parts) or "no ViT parameters"
+        fields["depth"] = max(blocks) + 1
+    return fields
 
 
-def _listed(keys: list[str], shown: int = 3) -> str:
-    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
-    return ", ".join(keys[:shown]) + more
+def shape_difference(
+    state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]
+) -> tuple[str, str]:
+    """The fields of :func:`shape_fields` in which two state dicts differ (all of them where
+    none does), as text for each: ("depth 3", "depth 2")."""
+    theirs, ours = shape_fields(state), shape_fields(own)
+    names = [n for n in (*_SHAPE_FIELDS, "depth") if theirs.get(n) != ours.get(n)] or list(ours)
+
+    def text(fields: dict[str, int]) -> str:
+        return ", ".join(f"{n} {fields[n]}" for n in names if n in fields) or "none of those"
+
+    return text(theirs), text(ours)
+
+
+def _listed(items: list[str], shown: int = 3) -> str:
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
+
+
+def tensor_mismatch(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> str | None:
+    """How ``state`` differs from the state dict ``own`` of a model it is to load into: the
+    tensors of another shape, missing or left over, counted with a few named; None if it fits."""
+    shaped = [f"{k} {tuple(v.shape)} against {tuple(own[k].shape)}"
+              for k, v in state.items() if k in own and v.shape != own[k].shape]
+    missing = sorted(set(own) - set(state))
+    surplus = sorted(set(state) - set(own))
+    problems = [f"{len(shaped)} of another shape ({_listed(shaped)})" if shaped else "",
+                f"{len(missing)} missing ({_listed(missing)})" if missing else "",
+                f"{len(surplus)} the model lacks ({_listed(surplus)})" if surplus else ""]
+    found = "; ".join(problem for problem in problems if problem)
+    return f"of its tensors, {found}" if found else None
 
 
 def fit_state_dict(
-    state: dict[str, torch.Tensor], model: TokenClassifier, source: str | Path = "the weights"
+    state: dict[str, torch.Tensor], model: TokenClassifier, source: str | Path = "the weights file"
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Adapt ``state`` to ``model``: resample image positions, drop a head of another size.
 
@@ -141,22 +174,14 @@ def fit_state_dict(
         if key in state and state[key].shape != own[key].shape:
             del state[key]
             fresh.append(key)
-    mismatched = [
-        f"{k} {tuple(v.shape)} against {tuple(own[k].shape)}"
-        for k, v in state.items() if k in own and v.shape != own[k].shape
-    ]
-    missing = sorted(set(own) - set(state) - set(fresh))
-    surplus = sorted(set(state) - set(own))
-    if mismatched or missing or surplus:
-        problems = [f"{len(mismatched)} of another shape ({_listed(mismatched)})" if mismatched else "",
-                    f"{len(missing)} missing ({_listed(missing)})" if missing else "",
-                    f"{len(surplus)} the model lacks ({_listed(surplus)})" if surplus else ""]
+    kept = {k: v for k, v in own.items() if k not in fresh}
+    mismatch = tensor_mismatch(state, kept)
+    if mismatch:
+        theirs, ours = shape_difference(state, kept)
         raise CheckpointError(
-            f"{source} does not fit this model: of its tensors, "
-            f"{'; '.join(p for p in problems if p)}. The weights have {shape_summary(state)}; "
-            f"the model has {shape_summary(own)}. Set --model.variant, --model.embed_dim, "
-            f"--model.depth, --model.num_heads, --model.mlp_ratio and --model.patch_size to the "
-            f"weights' shape."
+            f"{source} does not fit this model: {mismatch}. The weights have {theirs}; the "
+            f"model has {ours}. Set --model.variant, --model.embed_dim, --model.depth, "
+            f"--model.num_heads, --model.mlp_ratio and --model.patch_size to the weights' shape."
         )
     return state, fresh
 

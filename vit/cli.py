@@ -54,6 +54,10 @@ def plain_option_error(message: str, prog: str) -> str:
     if found is None:
         return message
     group, cls = found["group"], found["cls"]
+    if cls.endswith(".LightningDataModule"):  # the base class: no recipe chose a data module
+        return (f"no data module is set, so --{group} options have nowhere to go: start from a "
+                f"recipe (--config configs/quickstart.yaml, or another of configs/), or choose "
+                f"one with --data vit.data.ImageDataModule or --data vit.text_data.TextDataModule.")
     problem = re.sub(r"Option '(\w+)' is not accepted",
                      lambda m: f"--{group}.{m[1]} is not an option of {cls}", found["problem"])
     problem = re.sub(r'Parser key "(\w+)":\s*', lambda m: f"--{group}.{m[1]}: ", problem)

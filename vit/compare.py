@@ -555,6 +555,7 @@ def build_report(args: argparse.Namespace, command: str) -> dict[str, Any]:
             Path(args.text_train).parent,
             Budget(variant=args.variant, steps=args.matched_steps, seed=args.seed),
             text_train_limit=args.matched_text_train,
+            image_option="--image-root-train" if args.image_root_train else "--image-root",
         )
     summary["matched_budget"] = matched
     if args.matched_results:
@@ -742,8 +743,12 @@ def parser() -> argparse.ArgumentParser:
     matched.add_argument(
         "--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)"
     )
+    checked = {"tokens": positive_int, "steps": positive_int, "batch_size": positive_int,
+               "lr": positive_float}
     for field, default in asdict(Budget()).items():
-        matched.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=default)
+        matched.add_argument(
+            f"--{field.replace('_', '-')}", type=checked.get(field, type(default)), default=default
+        )
     return top
 
 

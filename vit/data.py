@@ -418,7 +418,9 @@ class ImageDataModule(L.LightningDataModule):
         if image_size < 1:
             raise ConfigError(f"--data.image_size must be at least 1, got {image_size}.")
         if crop_padding < 0:
-            raise ConfigError(f"--data.crop_padding must be 0 (no crops) or more, got {crop_padding}.")
+            raise ConfigError(
+                f"--data.crop_padding must be 0 (no crops) or more, got {crop_padding}."
+            )
         if not 0 <= random_erasing <= 1:
             raise ConfigError(f"--data.random_erasing is a probability in [0, 1], got {random_erasing}.")
         for name, alpha in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
@@ -546,7 +548,8 @@ class ImageDataModule(L.LightningDataModule):
         )
 
     def has_split(self, split: str) -> bool:
-        """Whether the data holds any images of ``split`` ("train", "val" or "test")."""
+        """Whether the data holds any images of ``split`` ("train", "val" or "test"); reads
+        the data first (``setup``) where it has not been read."""
         self.setup()
         return len(self.splits.get(split, ())) > 0
 

@@ -34,7 +34,8 @@ class PatchEmbed(nn.Module):
         if image_size % patch_size != 0:
             raise ValueError(
                 f"patch_size={patch_size} does not divide image_size={image_size}: "
-                f"pick a patch size among the divisors of {image_size} ({divisors_text(image_size)})."
+                f"pick a patch size among the divisors of {image_size} "
+                f"({divisors_text(image_size)})."
             )
         self.image_size = image_size
         self.patch_size = patch_size

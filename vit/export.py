@@ -73,12 +73,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if Path(args.out_dir).resolve() == Path(args.checkpoint).resolve():
             raise ValueError(f"{args.out_dir}: the bundle to write is the one being read; "
                              f"choose another OUT_DIR.")
-        written = save_bundle(saved, args.out_dir)
         onnx_path = Path(args.out_dir) / ONNX_FILE
+        stale_onnx = onnx_path.exists()
+        onnx_path.unlink(missing_ok=True)  # an earlier export's graph, of other weights
+        written = save_bundle(saved, args.out_dir)
         if args.onnx:
             written.append(export_onnx(saved, onnx_path))
-        elif onnx_path.exists():
-            onnx_path.unlink()
+        elif stale_onnx:
             print(f"removed {onnx_path}, an earlier export's graph; --onnx writes this model's",
                   file=sys.stderr)
     except (CheckpointError, ValueError, OSError, ModuleNotFoundError) as err:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from vit.checkpoint import CheckpointError, load_into, shape_summary
+from vit.checkpoint import CheckpointError, load_into, shape_difference, tensor_mismatch
 from vit.errors import ConfigError, divisors_text
 from vit.loss_watch import NonFiniteLossWatch
 from vit.model import build_model, encoder_config
@@ -79,18 +79,21 @@ def check_model_options(
         )
 
 
+_SHARE = (lambda value: 0 <= value < 1, "in [0, 1)")
 _TRAINING_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "lr": (lambda value: value > 0, "above 0"),
     "weight_decay": (lambda value: value >= 0, "at least 0"),
     "min_lr_ratio": (lambda value: 0 <= value <= 1, "in [0, 1]"),
+    "warmup_fraction": _SHARE, "label_smoothing": _SHARE, "drop_rate": _SHARE,
+    "attn_drop_rate": _SHARE, "drop_path_rate": _SHARE,
 }
-"""Ranges of the ``--model`` training options; any other option named is a share in [0, 1)."""
+"""Each ``--model`` training option's test and the range it states."""
 
 
 def check_training_options(**options: float) -> None:
     """Raise a ``ConfigError`` naming the ``--model`` option whose value is out of its range."""
     for name, value in options.items():
-        inside, expected = _TRAINING_RANGES.get(name, (lambda share: 0 <= share < 1, "in [0, 1)"))
+        inside, expected = _TRAINING_RANGES[name]
         if not inside(value):
             raise ConfigError(f"--model.{name} must be {expected}, got {value}.")
 
@@ -249,17 +252,20 @@ class Classifier(L.LightningModule):
 
     def _check_fits(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, before Lightning loads it, a checkpoint whose network has other tensors."""
-        saved = {key.removeprefix("net."): value
-                 for key, value in checkpoint.get("state_dict", {}).items() if key.startswith("net.")}
+        saved = {key.removeprefix("net."): value for key, value in
+                 checkpoint.get("state_dict", {}).items() if key.startswith("net.")}
         own = self.net.state_dict()
-        if saved.keys() == own.keys() and all(saved[k].shape == v.shape for k, v in own.items()):
+        mismatch = tensor_mismatch(saved, own)
+        if mismatch is None:
             return
         saved_modality = checkpoint.get("hyper_parameters", {}).get("data_spec", {}).get("modality")
+        theirs, ours = shape_difference(saved, own)
         raise CheckpointError(
-            f"the checkpoint's {saved_modality or 'unknown'} model ({shape_summary(saved)}) does "
-            f"not fit the {self.hparams.data_spec['modality']} model this configuration builds "
-            f"({shape_summary(own)}): use the configuration it was trained with (config.yaml in "
-            f"its run folder), or start a new run from its weights with --model.init_from."
+            f"the checkpoint's {saved_modality or 'unknown'} model does not fit the "
+            f"{self.hparams.data_spec['modality']} model this configuration builds: {mismatch}. "
+            f"The checkpoint has {theirs}; this configuration {ours}. Use the configuration and "
+            f"data it was trained with (config.yaml in its run folder), or start a new run from "
+            f"its weights with --model.init_from."
         )
 
     def setup(self, stage: str) -> None:

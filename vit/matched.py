@@ -43,10 +43,11 @@ class Budget:
 
 
 def image_split(
-    root: Path, split: str, image_size: int
+    root: Path, split: str, image_size: int, option: str = "--image-root"
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """(N, 3, S, S) normalised CIFAR-statistics images, labels and class names of one split."""
-    source = ImageSource(root, "--image-root")
+    """(N, 3, S, S) normalised CIFAR-statistics images, labels and class names of one split
+    (``option``: the command-line option that named ``root``, for error messages)."""
+    source = ImageSource(root, option)
     images, labels = load_split(source, split, image_size, default_cache_dir())
     return normalize(images, CIFAR10_MEAN, CIFAR10_STD), labels, source.class_names
 
@@ -144,6 +145,7 @@ def run_matched(
     tokenizer_kind: str = "wordpiece",
     vocab_size: int = 8000,
     save_dir: Path | None = None,
+    image_option: str = "--image-root",
 ) -> dict[str, Any]:
     """Train an image and a text model under ``budget``; one result row for each.
 
@@ -156,6 +158,7 @@ def run_matched(
         vocab_size: The text tokenizer's vocabulary.
         save_dir: Where to write the two trained models as bundles (``image/``, ``text/``),
             which ``vit.classify`` and ``vit.compare --image-checkpoint`` read.
+        image_option: The command-line option that named ``image_root``, for error messages.
     """
     grid = math.isqrt(budget.tokens)
     if grid * grid != budget.tokens:
@@ -169,8 +172,8 @@ def run_matched(
             f"tokens={budget.tokens} gives a {grid}x{grid} grid that does not tile "
             f"{image_size}x{image_size} images: use 4, 16, 64, 256 or 1024 tokens."
         )
-    train_images, train_labels, classes = image_split(image_root, "train", image_size)
-    test_images, test_labels, _ = image_split(image_root, "test", image_size)
+    train_images, train_labels, classes = image_split(image_root, "train", image_size, image_option)
+    test_images, test_labels, _ = image_split(image_root, "test", image_size, image_option)
     image_spec = {
         "modality": "image",
         "class_names": classes,

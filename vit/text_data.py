@@ -271,7 +271,7 @@ class TextDataModule(L.LightningDataModule):
             try:
                 self.tokenizer = TextTokenizer.load(tokenizer_file)
             except (OSError, ValueError) as err:
-                raise ConfigError(f"--data.tokenizer_file {tokenizer_file}: {err}") from None
+                raise ConfigError(f"--data.tokenizer_file: {err}") from None
         else:
             self.tokenizer = TextTokenizer.train(
                 self.tables["train"][0], tokenizer_kind, vocab_size, max_length, lowercase=lowercase
@@ -302,11 +302,14 @@ class TextDataModule(L.LightningDataModule):
         keys = [label_key(label) for label in labels]
         unknown = sorted(set(keys) - set(self._label_index))
         if unknown and self._classes_named:
+            indexed = list(self._label_index) == [str(i) for i in range(len(self.class_names))]
+            from_training = ", or pass --data.class_names null to take the classes from the " \
+                            "training labels" if path == self.files["train"] else ""
             raise ConfigError(
                 f"{path} has labels {unknown[:10]} that --data.class_names "
-                f"{self.class_names[:20]} does not name (integer labels index it): name them "
-                f"there, or pass --data.class_names null to take the classes from the training "
-                f"labels."
+                f"{self.class_names[:20]} does not name"
+                f"{' (integer labels index it)' if indexed else ''}: name them there"
+                f"{from_training}."
             )
         if unknown:
             raise ConfigError(

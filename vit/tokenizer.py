@@ -224,7 +224,10 @@ class TextTokenizer:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as err:
             raise ValueError(f"{path}: not a tokenizer JSON file (not UTF-8 at byte {err.start}).") from None
-        return cls.from_json(text)
+        try:
+            return cls.from_json(text)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
 
     @property
     def pad_id(self) -> int:
