@@ -70,6 +70,7 @@ class Side:
 
 def load_image_side(checkpoint: str | None, root: Path, variant: str, seed: int) -> Side:
     """The image model (loaded, or fresh with ``variant``) and the test split of ``root``."""
+    image_source = ImageSource(root, "--image-root")
     if checkpoint:
         saved = load_saved_model(checkpoint)
         if saved.spec["modality"] != "image":
@@ -80,7 +81,7 @@ def load_image_side(checkpoint: str | None, root: Path, variant: str, seed: int)
     else:
         spec = {
             "modality": "image",
-            "class_names": ImageSource(root, "--image-root").class_names,
+            "class_names": image_source.class_names,
             "image_size": 32,
             "mean": list(CIFAR10_MEAN),
             "std": list(CIFAR10_STD),
@@ -88,7 +89,6 @@ def load_image_side(checkpoint: str | None, root: Path, variant: str, seed: int)
         torch.manual_seed(seed)
         model = build_model(spec, variant=variant)
         source = f"freshly initialised ({variant}, seed {seed}, patch 4)"
-    image_source = ImageSource(root, "--image-root")
     if image_source.class_names != list(spec["class_names"]):
         raise ValueError(
             f"the image model's classes {spec['class_names']} differ from the class folders of "
