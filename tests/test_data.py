@@ -10,6 +10,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from PIL import Image
 from torchvision.transforms import v2
 
@@ -211,7 +212,10 @@ def test_loader_workers_augment_the_same_batches_as_the_device_and_resume_alike(
         batches = []
         for batch in loader:
             assert len(batch) == (3 if num_workers else 2)  # workers send their generator's state
-            batches.append(dm.on_after_batch_transfer(batch, 0))
+            moved = move_data_to_device(batch, torch.device("cpu"))  # as the trainer does
+            if num_workers:  # passed as it is, not taken apart as a sequence
+                assert moved[2] is batch[2]
+            batches.append(dm.on_after_batch_transfer(moved, 0))
         assert dm.state_dict() == {"epoch": 1, "batches": 14}
         return batches
 
