@@ -20,6 +20,18 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A tensor drawn on the CPU, on ``device``, without making the host wait for a GPU.
+
+    A plain copy to a GPU waits for every kernel already queued there, so each copy in the
+    augmentation stopped the host once a step and left the GPU idle while the next work was
+    queued. From page-locked memory the copy is queued like a kernel.
+    """
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def random_crop(
     images: torch.Tensor, padding: int, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -31,7 +43,8 @@ def random_crop(
         return images
     b, _, h, w = images.shape
     padded = F.pad(images, (padding, padding, padding, padding))  # (B, C, H + 2p, W + 2p)
-    offsets = torch.randint(0, 2 * padding + 1, (2, b, 1), generator=generator).to(images.device)
+    offsets = torch.randint(0, 2 * padding + 1, (2, b, 1), generator=generator)
+    offsets = to_device(offsets, images.device)
     rows = offsets[0] + torch.arange(h, device=images.device)  # (B, H)
     cols = offsets[1] + torch.arange(w, device=images.device)  # (B, W)
     batch = torch.arange(b, device=images.device)[:, None, None]
@@ -43,7 +56,7 @@ def random_hflip(
     images: torch.Tensor, p: float = 0.5, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Mirror each image left-right with probability ``p``."""
-    flip = (torch.rand(images.shape[0], generator=generator) < p).to(images.device)
+    flip = to_device(torch.rand(images.shape[0], generator=generator) < p, images.device)
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 
@@ -51,8 +64,8 @@ def normalize(
     images: torch.Tensor, mean: Sequence[float], std: Sequence[float]
 ) -> torch.Tensor:
     """uint8 (B, C, H, W) in [0, 255] -> float32, standardised per channel."""
-    mean_t = torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * 255
-    std_t = torch.tensor(std, device=images.device).view(1, -1, 1, 1) * 255
+    mean_t = to_device(torch.tensor(mean), images.device).view(1, -1, 1, 1) * 255
+    std_t = to_device(torch.tensor(std), images.device).view(1, -1, 1, 1) * 255
     return (images.float() - mean_t) / std_t
 
 
@@ -117,7 +130,7 @@ def apply_auto_augment(images: torch.Tensor, plan: AugmentPlan) -> torch.Tensor:
             if step < len(operations):
                 groups.setdefault(operations[step], []).append(index)
         for (name, magnitude), members in groups.items():
-            index = torch.tensor(members, device=images.device)
+            index = to_device(torch.tensor(members), images.device)
             augmented[index] = _POLICY._apply_image_or_video_transform(
                 augmented[index], name, magnitude, interpolation=_POLICY.interpolation,
                 fill=_POLICY._fill,
@@ -155,7 +168,7 @@ def random_erasing(
     """
     b, c, h, w = images.shape
     device = images.device
-    draws = torch.rand(5, b, generator=generator).to(device)
+    draws = to_device(torch.rand(5, b, generator=generator), device)
     target = h * w * (area[0] + (area[1] - area[0]) * draws[0])
     aspect = torch.exp(log_aspect[0] + (log_aspect[1] - log_aspect[0]) * draws[1])
     box_h = torch.sqrt(target * aspect).round().clamp(1, h)
