@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -195,10 +196,12 @@ class Classifier(L.LightningModule):
             self.net.sincos_positions_()
         if compile:
             self.net.compile()  # in place: no ``_orig_mod.`` prefix in the saved keys
-        num_classes = self.net.num_classes
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        # Without torchmetrics' input checks, which read a GPU's result (``torch.unique``) and
+        # so made the host wait once a step; the loss has already checked the labels.
+        accuracy = functools.partial(
+            MulticlassAccuracy, self.net.num_classes, average="micro", validate_args=False
+        )
+        self.train_acc, self.val_acc, self.test_acc = accuracy(), accuracy(), accuracy()
         self._initialised_from_file = False
         self._fit_started = time.monotonic()
         self._loss_watch = NonFiniteLossWatch()
@@ -290,8 +293,9 @@ class Classifier(L.LightningModule):
         loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
         if stage == "train":
             self._loss_watch.note(loss, self.global_step)
-        # mixup/CutMix targets are label mixtures: accuracy counts the larger share
-        metric(logits.argmax(dim=-1), labels.argmax(dim=-1) if labels.ndim == 2 else labels)
+        # mixup/CutMix targets are label mixtures: accuracy counts the larger share. Only
+        # update: the epoch's accuracy is logged, never a batch's, which ``metric(...)`` computes.
+        metric.update(logits.argmax(dim=-1), labels.argmax(dim=-1) if labels.ndim == 2 else labels)
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True,
                  batch_size=len(labels), sync_dist=not on_step)
