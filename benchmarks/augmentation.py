@@ -10,11 +10,12 @@ policy, images grouped by operation), and the whole training augmentation of
 ``configs/cifar10.yaml`` (AutoAugment, crop, flip, normalise, random erasing, mixup or CutMix).
 
 With ``--root``, then the training batches of ``vit.data.ImageDataModule`` with that recipe's
-augmentation, for each ``--loader-workers`` count: the loop draws a batch, finishes its
-augmentation as the training loop does, and sleeps ``--step-ms`` in place of a device's training
-step (during which the CPU is free, as while a GPU computes). Printed per batch: the wall time
-beyond the step (what the data costs the loop) and the training process's own CPU time (its
-threads, not the workers'), medians of ``--repeats`` passes of ``--batches`` batches.
+augmentation, for each ``--loader-workers`` count: the loop draws a batch, moves it to the
+device and finishes its augmentation as Lightning's training loop does, and sleeps
+``--step-ms`` in place of a device's training step (during which the CPU is free, as while a
+GPU computes). Printed per batch: the wall time beyond the step (what the data costs the loop)
+and the training process's own CPU time (its threads, not the workers'), medians of
+``--repeats`` passes of ``--batches`` batches.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torchvision.transforms import v2
 
 from benchmarks import image_root
@@ -54,10 +56,7 @@ def loader_costs(
     batch_stream = training_epochs(dm)
 
     def one_batch() -> None:
-        batch = next(batch_stream)
-        dm.on_after_batch_transfer(
-            tuple(part.to(device) if isinstance(part, torch.Tensor) else part for part in batch), 0
-        )
+        dm.on_after_batch_transfer(move_data_to_device(next(batch_stream), device), 0)
         synchronize(device)
         time.sleep(step_ms / 1000)
 
