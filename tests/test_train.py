@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
+from conftest import run_benchmark, table_rows
 from vit.checkpoint import CheckpointError, load_weights_file
 from vit.cli import main, run
 from vit.errors import ConfigError
@@ -251,3 +252,24 @@ def test_sincos_positions_make_neighbouring_patches_alike(image_spec: dict) -> N
 def test_sincos_positions_need_a_width_divisible_by_4(image_spec: dict) -> None:
     with pytest.raises(ConfigError, match="divisible by 4, got --model.embed_dim 66"):
         Classifier("nano", data_spec=dict(image_spec), position_init="sincos", embed_dim=66, num_heads=2)
+
+
+def test_training_loop_benchmark_times_a_recipes_loop_against_bare_steps_and_profiles_it(tmp_path: Path) -> None:
+    trace = tmp_path / "trace.json"
+    done = run_benchmark(
+        "training_loop", "--batches", "2", "--epochs", "2", "--profile", "2", "--trace", str(trace),
+        "--config", "configs/quickstart.yaml", "--model.variant", "nano", timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    epochs = table_rows(done.stdout, "")[1:]  # the epochs, after the header
+    assert [row[0] for row in epochs] == ["0", "1"]  # the profiled epoch is not timed
+    for _, loop_ms, bare_ms, ratio in epochs:
+        assert float(loop_ms) > 0 and float(bare_ms) > 0
+        assert float(ratio) == pytest.approx(float(loop_ms) / float(bare_ms), abs=0.02)
+    assert "median of epochs after the first" in done.stdout
+    assert "host time of 2 training steps by operator" in done.stdout and "aten::" in done.stdout
+    assert trace.stat().st_size > 0
+
+    refused = run_benchmark("training_loop", "--batches", "2", "--profile", "3",
+                            "--config", "configs/quickstart.yaml")
+    assert refused.returncode == 2 and "--profile 3: at most --batches (2) steps" in refused.stderr

@@ -1,0 +1,173 @@
+"""The training loop's cost beyond the model, for a recipe as ``train.py fit`` runs it.
+
+    python -m benchmarks.training_loop --config configs/cifar10.yaml \\
+        --data.root ../shared/data/cifar10-jpeg --data.init_args.batch_size 128 --model.lr 1e-3
+    python -m benchmarks.training_loop --config configs/quickstart.yaml --batches 10 --profile 5
+
+Every option after this benchmark's own goes to ``train.py fit``: the model, data, precision,
+compilation and device are the recipe's. It trains ``--epochs`` epochs of ``--batches`` steps
+without validation, and after each epoch times as many bare steps on the device (the baseline:
+the same model, optimiser and precision on one training batch already augmented there; the
+forward, the loss, the backward and the optimiser's step, nothing else). Printed: ms per step
+of the loop and of the bare steps, epoch by epoch, and the median ratio of the two over the
+epochs after the first (the first compiles and starts the loader). What the ratio exceeds 1 by
+is what Lightning's loop, the data, the augmentation, the metrics and the logging add.
+
+``--profile N`` then runs one more epoch and records N of its steps with ``torch.profiler``:
+the host's time by operator, where a GPU loop shows whether it waits for the device
+(``cudaStreamSynchronize``, ``aten::item``, copies) or launches kernels; ``--trace FILE``
+writes those steps as a Chrome trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+
+from benchmarks.throughput import synchronize
+from vit.cli import TrainCLI
+from vit.errors import positive_int
+from vit.lit import Classifier
+
+
+def bare_step(trainer: L.Trainer, module: Classifier) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """One optimiser step of ``module``'s network alone, in the trainer's precision."""
+    optimizer = trainer.optimizers[0]
+    smoothing = module.hparams.label_smoothing
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with trainer.precision_plugin.forward_context():
+            loss = F.cross_entropy(module.net(images), labels, label_smoothing=smoothing)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+class LoopClock(Callback):
+    """Wall time of each of the first ``epochs`` training epochs of ``steps`` steps, and right
+    after each of as many bare steps on the first batch; the device is waited for before each
+    reading."""
+
+    def __init__(self, steps: int, epochs: int) -> None:
+        self.steps, self.epochs = steps, epochs
+        self.loop: list[float] = []
+        self.bare: list[float] = []
+        self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        synchronize(module.device)
+        self._start = time.perf_counter()
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, module: L.LightningModule, batch: tuple, batch_idx: int
+    ) -> None:
+        if self._batch is None:  # augmented and on the device, as the training step gets it
+            self._batch = (batch[0].detach().clone(), batch[1].detach().clone())
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.current_epoch >= self.epochs:
+            return
+        synchronize(module.device)
+        self.loop.append(time.perf_counter() - self._start)
+        step = bare_step(trainer, module)
+        start = time.perf_counter()
+        for _ in range(self.steps):
+            step(*self._batch)
+        synchronize(module.device)
+        self.bare.append(time.perf_counter() - start)
+
+
+class StepProfile(Callback):
+    """``torch.profiler`` over ``steps`` training steps of the epoch numbered ``epoch``."""
+
+    def __init__(self, epoch: int, steps: int) -> None:
+        self.epoch, self.steps = epoch, steps
+        self.profiler: torch.profiler.profile | None = None
+        self._recorded = 0
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, module: L.LightningModule, batch: tuple, batch_idx: int
+    ) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == 0:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if module.device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, module: L.LightningModule, outputs: object, batch: tuple,
+        batch_idx: int,
+    ) -> None:
+        if self.profiler is None or self._recorded >= self.steps:
+            return
+        self._recorded += 1
+        if self._recorded == self.steps:
+            synchronize(module.device)
+            self.profiler.__exit__(None, None, None)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Every other option is train.py fit's (--config, --data.*, --model.*, --trainer.*).",
+    )
+    parser.add_argument("--batches", type=positive_int, default=50, help="steps per epoch")
+    parser.add_argument("--epochs", type=positive_int, default=4,
+                        help="timed epochs; the first is left out of the median")
+    parser.add_argument("--profile", type=positive_int, default=None, metavar="N",
+                        help="then profile N steps of one more epoch")
+    parser.add_argument("--trace", default=None, metavar="FILE",
+                        help="with --profile: also write the steps as a Chrome trace")
+    args, fit_options = parser.parse_known_args(argv)
+    if args.trace and not args.profile:
+        parser.error("--trace needs --profile N (the steps to record).")
+    if args.profile and args.profile > args.batches:
+        parser.error(f"--profile {args.profile}: at most --batches ({args.batches}) steps.")
+
+    clock = LoopClock(args.batches, args.epochs)
+    profile = StepProfile(args.epochs, args.profile) if args.profile else None
+    with tempfile.TemporaryDirectory() as scratch:
+        cli = TrainCLI(args=[
+            *fit_options,
+            f"--trainer.max_epochs={args.epochs + (1 if profile else 0)}",
+            f"--trainer.limit_train_batches={args.batches}",
+            "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
+            "--trainer.max_time=null", "--trainer.max_steps=-1",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={scratch}",
+        ], run=False)
+        cli.trainer.callbacks.extend([clock] + ([profile] if profile else []))
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+
+    device = cli.model.device
+    print(f"\ntraining loop against bare steps: {' '.join(fit_options)}")
+    print(f"device {device}, precision {cli.trainer.precision}, {args.batches} steps an epoch")
+    print("| epoch | loop ms a step | bare ms a step | loop / bare |\n|---|---|---|---|")
+    for epoch, (loop, bare) in enumerate(zip(clock.loop, clock.bare)):
+        print(f"| {epoch} | {1000 * loop / args.batches:.2f} | {1000 * bare / args.batches:.2f} "
+              f"| {loop / bare:.2f} |")
+    timed = list(zip(clock.loop, clock.bare))
+    ratio = statistics.median(loop / bare for loop, bare in timed[1:] or timed)
+    print(f"loop / bare steps, median of epochs after the first: {ratio:.2f}")
+    if profile and profile.profiler is not None:
+        table = profile.profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+        print(f"\nhost time of {args.profile} training steps by operator:\n{table}")
+        if args.trace:
+            profile.profiler.export_chrome_trace(args.trace)
+            print(f"trace written to {args.trace}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
