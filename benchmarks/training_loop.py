@@ -7,7 +7,7 @@
 Every option after this benchmark's own goes to ``train.py fit``: the model, data, precision,
 compilation and device are the recipe's. It trains ``--epochs`` epochs of ``--batches`` steps
 without validation, and after each epoch times as many bare steps on the device (the baseline:
-the same model, optimiser and precision on one training batch already augmented there; the
+the same model, optimiser and precision on the epoch's first batch, augmented there; the
 forward, the loss, the backward and the optimiser's step, nothing else). Printed: ms per step
 of the loop and of the bare steps, epoch by epoch, and the median ratio of the two over the
 epochs after the first (the first compiles and starts the loader). What the ratio exceeds 1 by
@@ -56,8 +56,8 @@ def bare_step(trainer: L.Trainer, module: Classifier) -> Callable[[torch.Tensor,
 
 class LoopClock(Callback):
     """Wall time of each of the first ``epochs`` training epochs of ``steps`` steps, and right
-    after each of as many bare steps on the first batch; the device is waited for before each
-    reading."""
+    after each of as many bare steps on that epoch's first batch (a recipe may change the image
+    size during the run); the device is waited for before each reading."""
 
     def __init__(self, steps: int, epochs: int) -> None:
         self.steps, self.epochs = steps, epochs
@@ -66,6 +66,7 @@ class LoopClock(Callback):
         self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._batch = None
         synchronize(module.device)
         self._start = time.perf_counter()
 
