@@ -68,6 +68,18 @@ def test_the_test_after_fit_scores_the_best_or_the_last_weights_as_asked(tmp_pat
     assert cut.trainer.global_step == 3 and "test/acc" in cut.trainer.callback_metrics
 
 
+def test_last_checkpoint_is_of_the_step_a_fit_stops_at_with_emas_raw_weights_apart(tmp_path: Path) -> None:
+    # validations (and their saves) at steps 2 and 4; --trainer.max_steps stops the fit at 3
+    cli = fit(tmp_path, "--trainer.max_steps", "3", "--trainer.val_check_interval", "0.5",
+              "--trainer.callbacks+=vit.ema.EMA", "--trainer.callbacks.decay", "0.5",
+              "--test_after_fit", "false")
+    last = torch.load(Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt", map_location="cpu",
+                      weights_only=True)
+    assert last["global_step"] == 3
+    average, raw = last["state_dict"]["net.head.weight"], last["current_model_state"]["net.head.weight"]
+    assert not torch.equal(average, raw)  # saved before EMA copies its average into the model
+
+
 @pytest.mark.parametrize("workers", ["0", "2"])  # augmented on the device, or partly in workers
 def test_fit_with_every_augmentation_learns_from_label_mixtures(tmp_path: Path, workers: str) -> None:
     cli = fit(tmp_path, "--data.init_args.auto_augment", "true", "--data.init_args.random_erasing",

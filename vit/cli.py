@@ -25,7 +25,12 @@ from vit.checkpoint import CheckpointError
 from vit.data import DataNotFoundError
 from vit.errors import ConfigError
 from vit.fault_tolerance import (
-    AtomicCheckpointIO, CheckpointOnSIGTERM, RandomState, check_checkpoint, find_last_checkpoint,
+    AtomicCheckpointIO,
+    CheckpointOnSIGTERM,
+    LastCheckpoint,
+    RandomState,
+    check_checkpoint,
+    find_last_checkpoint,
 )
 from vit.hardware import has_bf16_units
 from vit.imageio import ImageDecodeError
@@ -168,14 +173,15 @@ class TrainCLI(LightningCLI):
             trainer = super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, TypeError, ValueError) as err:  # Lightning's checks
             raise ConfigError(f"{err} (check the --trainer options)") from None
-        # last.ckpt after every epoch (Lightning's save_last only follows a new best), and
-        # every N steps when asked: one callback each, as Lightning takes one trigger per callback
+        # last.ckpt after every epoch and at the step a fit stops (Lightning's save_last only
+        # follows a new best), and every N steps when asked: one callback each, as Lightning
+        # takes one trigger per callback
+        trainer.callbacks.append(LastCheckpoint())
         every = self._get(self.config, "checkpoint_every_n_steps")
-        triggers = [{"every_n_epochs": 1}] + ([{"every_n_train_steps": every}] if every else [])
-        for trigger in triggers:
-            trainer.callbacks.append(
-                ModelCheckpoint(filename="last", enable_version_counter=False, **trigger)
-            )
+        if every:
+            trainer.callbacks.append(ModelCheckpoint(
+                filename="last", enable_version_counter=False, every_n_train_steps=every
+            ))
         warn_if_bf16_is_emulated(trainer)
         return trainer
 

@@ -4,6 +4,8 @@
   to disk and renames it over the old one (``os.replace``, atomic on POSIX): a kill in the middle
   of a save leaves the previous checkpoint whole. Lightning's own writer stages the file in the
   system's temporary folder and moves it, which is a copy when that is another file system.
+- ``LastCheckpoint`` writes ``last.ckpt`` after every epoch, and also at the step where
+  ``--trainer.max_steps`` or ``--trainer.max_time`` stops a fit between two saves.
 - ``CheckpointOnSIGTERM``: on SIGTERM (what cluster schedulers send before they kill) Lightning
   stops after the current batch; this callback then writes ``last.ckpt``, and the process exits
   with status 0.
@@ -26,7 +28,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -61,6 +63,33 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.fsync(folder)  # make the rename itself durable
         finally:
             os.close(folder)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` after every epoch, and at the last step of a fit that stops inside one.
+
+    ``ModelCheckpoint`` saves at epoch ends, or at validation ends where validation runs more
+    often (``--trainer.val_check_interval`` below 1, as in ``configs/cifar10_cpu.yaml``): a fit
+    that ``--trainer.max_steps`` or ``--trainer.max_time`` stopped after the last of those left
+    ``last.ckpt`` up to half an epoch behind the weights it ended with. This one also saves at
+    the end of the step after which the fit stops. That is before ``vit.ema.EMA`` copies its
+    average into the model at the end of training, so the file keeps both, as every other
+    checkpoint does, and a run resumed from it goes on exactly.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(filename="last", enable_version_counter=False, every_n_epochs=1)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # Timer (--trainer.max_time) has set should_stop by now: checkpoint callbacks run last.
+        reached_max_steps = 0 <= trainer.max_steps <= trainer.global_step
+        if (trainer.should_stop or reached_max_steps) \
+                and not self._should_skip_saving_checkpoint(trainer):
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class CheckpointOnSIGTERM(Callback):
