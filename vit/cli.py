@@ -217,8 +217,8 @@ class TrainCLI(LightningCLI):
                            "test; add one to test the model, or pass --test_after_fit false.")
             return
         if self._get(self.config, "test_weights") == "last":
-            # The weights in memory: those at the last step (EMA's average, when it runs), also
-            # where --trainer.max_steps ends the fit inside an epoch, after the last last.ckpt.
+            # The weights in memory: those at the last step (EMA's average, when it runs), as
+            # last.ckpt holds them, without reading the file back.
             ckpt = None
         else:
             ckpt = self.trainer.checkpoint_callback.best_model_path or None
