@@ -4,8 +4,8 @@
   to disk and renames it over the old one (``os.replace``, atomic on POSIX): a kill in the middle
   of a save leaves the previous checkpoint whole. Lightning's own writer stages the file in the
   system's temporary folder and moves it, which is a copy when that is another file system.
-- ``LastCheckpoint`` writes ``last.ckpt`` after every epoch, and also at the step where
-  ``--trainer.max_steps`` or ``--trainer.max_time`` stops a fit between two saves.
+- ``LastCheckpoint`` writes ``last.ckpt`` at every epoch end, the one where
+  ``--trainer.max_steps`` cuts an epoch short included, whenever validation runs.
 - ``CheckpointOnSIGTERM``: on SIGTERM (what cluster schedulers send before they kill) Lightning
   stops after the current batch; this callback then writes ``last.ckpt``, and the process exits
   with status 0.
@@ -66,29 +66,29 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class LastCheckpoint(ModelCheckpoint):
-    """``last.ckpt`` after every epoch, and at the last step of a fit that stops inside one.
+    """``last.ckpt`` at the end of every epoch, also where validation runs more or less often.
 
-    ``ModelCheckpoint`` saves at epoch ends, or at validation ends where validation runs more
-    often (``--trainer.val_check_interval`` below 1, as in ``configs/cifar10_cpu.yaml``): a fit
-    that ``--trainer.max_steps`` or ``--trainer.max_time`` stopped after the last of those left
-    ``last.ckpt`` up to half an epoch behind the weights it ended with. This one also saves at
-    the end of the step after which the fit stops. That is before ``vit.ema.EMA`` copies its
-    average into the model at the end of training, so the file keeps both, as every other
-    checkpoint does, and a run resumed from it goes on exactly.
+    Where validation does not run once an epoch (``--trainer.val_check_interval`` below 1, as in
+    ``configs/cifar10_cpu.yaml``, or ``--trainer.check_val_every_n_epoch`` above 1),
+    ``ModelCheckpoint`` saves at validation ends only: a fit that ``--trainer.max_steps`` stopped
+    between two validations left ``last.ckpt`` behind the weights it ended with. This one also
+    saves at every epoch end, the cut-short last epoch's included, unless it saved at that step
+    already. Lightning ends the epoch before ``vit.ema.EMA`` copies its average into the model,
+    so the file keeps both, as every other checkpoint does.
     """
 
     def __init__(self) -> None:
         super().__init__(filename="last", enable_version_counter=False, every_n_epochs=1)
 
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-        batch_idx: int,
-    ) -> None:
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        # Timer (--trainer.max_time) has set should_stop by now: checkpoint callbacks run last.
-        reached_max_steps = 0 <= trainer.max_steps <= trainer.global_step
-        if (trainer.should_stop or reached_max_steps) \
-                and not self._should_skip_saving_checkpoint(trainer):
+    @property
+    def state_key(self) -> str:
+        # ModelCheckpoint's, under which checkpoints written before this class hold its state
+        own = super().state_key
+        return ModelCheckpoint.__qualname__ + own.removeprefix(type(self).__qualname__)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if not self._should_skip_saving_checkpoint(trainer):
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
