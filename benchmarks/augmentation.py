@@ -11,10 +11,11 @@ policy, images grouped by operation), and the whole training augmentation of
 
 With ``--root``, then the training batches of ``vit.data.ImageDataModule`` with that recipe's
 augmentation, for each ``--loader-workers`` count: the loop draws a batch, moves it to the
-device and finishes its augmentation as Lightning's training loop does, and sleeps
-``--step-ms`` in place of a device's training step (during which the CPU is free, as while a
-GPU computes). Printed per batch: the wall time beyond the step (what the data costs the loop)
-and the training process's own CPU time (its threads, not the workers'), medians of
+device with Lightning's transfer (from memory that is not page-locked: the loader's stand-in
+trainer is no Lightning ``Trainer``) and finishes its augmentation as the training loop does,
+and sleeps ``--step-ms`` in place of a device's training step (during which the CPU is free, as
+while a GPU computes). Printed per batch: the wall time beyond the step (what the data costs
+the loop) and the training process's own CPU time (its threads, not the workers'), medians of
 ``--repeats`` passes of ``--batches`` batches.
 """
 

@@ -4,14 +4,16 @@
         --data.root ../shared/data/cifar10-jpeg --data.init_args.batch_size 128 --model.lr 1e-3
     python -m benchmarks.training_loop --config configs/quickstart.yaml --batches 10 --profile 5
 
-Every option after this benchmark's own goes to ``train.py fit``: the model, data, precision,
-compilation and device are the recipe's. It trains ``--epochs`` epochs of ``--batches`` steps
-without validation, and after each epoch times as many bare steps on the device (the baseline:
-the same model, optimiser and precision on the epoch's first batch, augmented there; the
-forward, the loss, the backward and the optimiser's step, nothing else). Printed: ms per step
-of the loop and of the bare steps, epoch by epoch, and the median ratio of the two over the
-epochs after the first (the first compiles and starts the loader). What the ratio exceeds 1 by
-is what Lightning's loop, the data, the augmentation, the metrics and the logging add.
+Every option that is not this benchmark's goes to ``train.py fit``: the model, data,
+precision, compilation and device are the recipe's (one device: the bare steps exchange no
+gradients). It trains ``--epochs`` epochs of ``--batches`` steps without validation, and after
+each epoch times as many bare steps on the device (the baseline: the same model, optimiser and
+precision on the epoch's first batch, augmented there; the forward, the loss, the backward and
+the optimiser's step, nothing else; they train the model too, so later epochs start from
+slightly other weights). Printed: ms per step of the loop and of the bare steps, epoch by epoch,
+and the median ratio of the two over the epochs after the first (the first compiles and starts
+the loader). What the ratio exceeds 1 by is what Lightning's loop, the data, the augmentation,
+the metrics and the logging add; the epoch-end checkpoints are written after the clock stops.
 
 ``--profile N`` then runs one more epoch and records N of its steps with ``torch.profiler``:
 the host's time by operator, where a GPU loop shows whether it waits for the device
@@ -27,6 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -39,7 +42,9 @@ from vit.errors import positive_int
 from vit.lit import Classifier
 
 
-def bare_step(trainer: L.Trainer, module: Classifier) -> Callable[[torch.Tensor, torch.Tensor], None]:
+def bare_step(
+    trainer: L.Trainer, module: Classifier
+) -> Callable[[torch.Tensor, torch.Tensor], None]:
     """One optimiser step of ``module``'s network alone, in the trainer's precision."""
     optimizer = trainer.optimizers[0]
     smoothing = module.hparams.label_smoothing
@@ -55,12 +60,12 @@ def bare_step(trainer: L.Trainer, module: Classifier) -> Callable[[torch.Tensor,
 
 
 class LoopClock(Callback):
-    """Wall time of each of the first ``epochs`` training epochs of ``steps`` steps, and right
-    after each of as many bare steps on that epoch's first batch (a recipe may change the image
-    size during the run); the device is waited for before each reading."""
+    """Wall time of each of the first ``epochs`` training epochs, and right after each of as
+    many bare steps on that epoch's first batch (a recipe may change the image size during the
+    run); the device is waited for before each reading."""
 
-    def __init__(self, steps: int, epochs: int) -> None:
-        self.steps, self.epochs = steps, epochs
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
         self.loop: list[float] = []
         self.bare: list[float] = []
         self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -83,19 +88,21 @@ class LoopClock(Callback):
         self.loop.append(time.perf_counter() - self._start)
         step = bare_step(trainer, module)
         start = time.perf_counter()
-        for _ in range(self.steps):
+        for _ in range(trainer.num_training_batches):
             step(*self._batch)
         synchronize(module.device)
         self.bare.append(time.perf_counter() - start)
 
 
 class StepProfile(Callback):
-    """``torch.profiler`` over ``steps`` training steps of the epoch numbered ``epoch``."""
+    """``torch.profiler`` over the first ``steps`` training steps of the epoch numbered
+    ``epoch`` (fewer where the epoch is shorter); ``recorded`` counts them."""
 
     def __init__(self, epoch: int, steps: int) -> None:
         self.epoch, self.steps = epoch, steps
         self.profiler: torch.profiler.profile | None = None
-        self._recorded = 0
+        self.recorded = 0
+        self._running = False
 
     def on_train_batch_start(
         self, trainer: L.Trainer, module: L.LightningModule, batch: tuple, batch_idx: int
@@ -106,17 +113,25 @@ class StepProfile(Callback):
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self.profiler = torch.profiler.profile(activities=activities)
             self.profiler.__enter__()
+            self._running = True
 
     def on_train_batch_end(
         self, trainer: L.Trainer, module: L.LightningModule, outputs: object, batch: tuple,
         batch_idx: int,
     ) -> None:
-        if self.profiler is None or self._recorded >= self.steps:
-            return
-        self._recorded += 1
-        if self._recorded == self.steps:
-            synchronize(module.device)
-            self.profiler.__exit__(None, None, None)
+        if self._running:
+            self.recorded += 1
+            if self.recorded == self.steps:
+                self._stop(module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self._running:
+            self._stop(module)
+
+    def _stop(self, module: L.LightningModule) -> None:
+        synchronize(module.device)
+        self.profiler.__exit__(None, None, None)
+        self._running = False
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -134,10 +149,12 @@ def main(argv: list[str] | None = None) -> None:
     args, fit_options = parser.parse_known_args(argv)
     if args.trace and not args.profile:
         parser.error("--trace needs --profile N (the steps to record).")
+    if args.trace and not Path(args.trace).resolve().parent.is_dir():
+        parser.error(f"--trace {args.trace}: its folder does not exist.")
     if args.profile and args.profile > args.batches:
         parser.error(f"--profile {args.profile}: at most --batches ({args.batches}) steps.")
 
-    clock = LoopClock(args.batches, args.epochs)
+    clock = LoopClock(args.epochs)
     profile = StepProfile(args.epochs, args.profile) if args.profile else None
     with tempfile.TemporaryDirectory() as scratch:
         cli = TrainCLI(args=[
@@ -149,22 +166,26 @@ def main(argv: list[str] | None = None) -> None:
             "--trainer.enable_progress_bar=false",
             f"--trainer.default_root_dir={scratch}",
         ], run=False)
+        if cli.trainer.world_size > 1:
+            parser.error("the bare steps run on one device without gradient exchange: train on "
+                         "one (--trainer.devices 1).")
         cli.trainer.callbacks.extend([clock] + ([profile] if profile else []))
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
 
-    device = cli.model.device
+    steps = cli.trainer.num_training_batches  # fewer than --batches where the data is smaller
     print(f"\ntraining loop against bare steps: {' '.join(fit_options)}")
-    print(f"device {device}, precision {cli.trainer.precision}, {args.batches} steps an epoch")
+    print(f"device {cli.trainer.strategy.root_device}, precision {cli.trainer.precision}, "
+          f"{steps} steps an epoch")
     print("| epoch | loop ms a step | bare ms a step | loop / bare |\n|---|---|---|---|")
     for epoch, (loop, bare) in enumerate(zip(clock.loop, clock.bare)):
-        print(f"| {epoch} | {1000 * loop / args.batches:.2f} | {1000 * bare / args.batches:.2f} "
+        print(f"| {epoch} | {1000 * loop / steps:.2f} | {1000 * bare / steps:.2f} "
               f"| {loop / bare:.2f} |")
-    timed = list(zip(clock.loop, clock.bare))
-    ratio = statistics.median(loop / bare for loop, bare in timed[1:] or timed)
-    print(f"loop / bare steps, median of epochs after the first: {ratio:.2f}")
+    ratios = [loop / bare for loop, bare in zip(clock.loop, clock.bare)]
+    which = f"epochs 1-{len(ratios) - 1}" if len(ratios) > 1 else "its one epoch, compiling"
+    print(f"loop / bare steps, median of {which}: {statistics.median(ratios[1:] or ratios):.2f}")
     if profile and profile.profiler is not None:
         table = profile.profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
-        print(f"\nhost time of {args.profile} training steps by operator:\n{table}")
+        print(f"\nhost time of {profile.recorded} training steps by operator:\n{table}")
         if args.trace:
             profile.profiler.export_chrome_trace(args.trace)
             print(f"trace written to {args.trace}")

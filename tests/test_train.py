@@ -68,7 +68,7 @@ def test_the_test_after_fit_scores_the_best_or_the_last_weights_as_asked(tmp_pat
     assert cut.trainer.global_step == 3 and "test/acc" in cut.trainer.callback_metrics
 
 
-def test_last_checkpoint_is_of_the_step_a_fit_stops_at_with_emas_raw_weights_apart(tmp_path: Path) -> None:
+def test_last_checkpoint_is_of_the_step_a_fit_stops_at_with_raw_weights_apart(tmp_path: Path) -> None:
     # validations (and their saves) at steps 2 and 4; --trainer.max_steps stops the fit at 3
     cli = fit(tmp_path, "--trainer.max_steps", "3", "--trainer.val_check_interval", "0.5",
               "--trainer.callbacks+=vit.ema.EMA", "--trainer.callbacks.decay", "0.5",
@@ -76,7 +76,8 @@ def test_last_checkpoint_is_of_the_step_a_fit_stops_at_with_emas_raw_weights_apa
     last = torch.load(Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt", map_location="cpu",
                       weights_only=True)
     assert last["global_step"] == 3
-    average, raw = last["state_dict"]["net.head.weight"], last["current_model_state"]["net.head.weight"]
+    average = last["state_dict"]["net.head.weight"]
+    raw = last["current_model_state"]["net.head.weight"]
     assert not torch.equal(average, raw)  # saved before EMA copies its average into the model
 
 
@@ -266,7 +267,7 @@ def test_sincos_positions_need_a_width_divisible_by_4(image_spec: dict) -> None:
         Classifier("nano", data_spec=dict(image_spec), position_init="sincos", embed_dim=66, num_heads=2)
 
 
-def test_training_loop_benchmark_times_a_recipes_loop_against_bare_steps_and_profiles_it(tmp_path: Path) -> None:
+def test_training_loop_benchmark_times_a_recipes_loop_against_bare_steps(tmp_path: Path) -> None:
     trace = tmp_path / "trace.json"
     done = run_benchmark(
         "training_loop", "--batches", "2", "--epochs", "2", "--profile", "2", "--trace", str(trace),
@@ -278,10 +279,14 @@ def test_training_loop_benchmark_times_a_recipes_loop_against_bare_steps_and_pro
     for _, loop_ms, bare_ms, ratio in epochs:
         assert float(loop_ms) > 0 and float(bare_ms) > 0
         assert float(ratio) == pytest.approx(float(loop_ms) / float(bare_ms), abs=0.02)
-    assert "median of epochs after the first" in done.stdout
+    assert "loop / bare steps, median of epochs 1-1:" in done.stdout
     assert "host time of 2 training steps by operator" in done.stdout and "aten::" in done.stdout
     assert trace.stat().st_size > 0
 
-    refused = run_benchmark("training_loop", "--batches", "2", "--profile", "3",
-                            "--config", "configs/quickstart.yaml")
-    assert refused.returncode == 2 and "--profile 3: at most --batches (2) steps" in refused.stderr
+    for options, message in [
+        (["--batches", "2", "--profile", "3"], "--profile 3: at most --batches (2) steps"),
+        (["--trace", "t.json"], "--trace needs --profile N"),
+        (["--profile", "1", "--trace", str(tmp_path / "no" / "t.json")], "its folder does not exist"),
+    ]:
+        refused = run_benchmark("training_loop", *options, "--config", "configs/quickstart.yaml")
+        assert refused.returncode == 2 and message in refused.stderr

@@ -196,8 +196,9 @@ class Classifier(L.LightningModule):
             self.net.sincos_positions_()
         if compile:
             self.net.compile()  # in place: no ``_orig_mod.`` prefix in the saved keys
-        # Without torchmetrics' input checks, which read a GPU's result (``torch.unique``) and
-        # so made the host wait once a step; the loss has already checked the labels.
+        # Without torchmetrics' input checks, which read a GPU's result (``torch.unique`` of the
+        # predictions and of the targets) and so made the host wait twice a step; the loss has
+        # already checked the labels.
         accuracy = functools.partial(
             MulticlassAccuracy, self.net.num_classes, average="micro", validate_args=False
         )
