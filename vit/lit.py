@@ -232,7 +232,17 @@ class Classifier(L.LightningModule):
     def on_train_end(self) -> None:
         self._loss_watch.raise_if_seen()
 
+    # Each accuracy is logged once, when its epoch or validation ends: logged in every step,
+    # Lightning's log moved the metric to its device again each time (0.35 ms a step on a
+    # 2-core CPU, benchmarks/RESULTS.md).
+    def on_train_epoch_end(self) -> None:
+        self.log("train/acc", self.train_acc, prog_bar=True)
+
+    def on_test_epoch_end(self) -> None:
+        self.log("test/acc", self.test_acc, prog_bar=True)
+
     def on_validation_epoch_end(self) -> None:
+        self.log("val/acc", self.val_acc, prog_bar=True)
         # Accuracy against wall time: each validation row of the logs carries the minutes
         # since this process began fitting.
         if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
@@ -300,7 +310,6 @@ class Classifier(L.LightningModule):
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True,
                  batch_size=len(labels), sync_dist=not on_step)
-        self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
