@@ -14,6 +14,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from PIL import Image
 from torchvision.transforms import v2
 
+import vit.data
 from conftest import run_benchmark
 from vit.augment import (
     apply_auto_augment,
@@ -28,6 +29,7 @@ from vit.augment import (
 )
 from vit.data import DataNotFoundError, ImageDataModule, ImageSource
 from vit.errors import ConfigError
+from vit.imageio import load_image
 
 
 def make_folder(root: Path, classes: dict[str, int], split: str = "train", size=(40, 30), mode="RGB") -> None:
@@ -132,6 +134,19 @@ def test_unreadable_training_file_is_skipped_with_a_warning(tmp_path: Path, caps
     dm.setup("fit")
     assert len(dm.splits["train"]) == 4
     assert "broken.jpg" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("chunk", [2, 10_000])  # decoding processes, or decoding in-process
+def test_images_decode_alike_in_processes_and_in_process(tmp_path: Path, capsys, monkeypatch,
+                                                         chunk: int) -> None:
+    make_folder(tmp_path, {"a": 6, "b": 6})
+    (tmp_path / "train" / "b" / "broken.jpg").write_bytes(b"not a jpeg")
+    monkeypatch.setattr(vit.data, "DECODE_CHUNK", chunk)
+    images, labels = ImageSource(tmp_path).decode("train", 8)
+    assert "broken.jpg" in capsys.readouterr().out
+    expected = [load_image(path, 8) for path in sorted((tmp_path / "train").glob("*/*.png"))]
+    assert torch.equal(images, torch.from_numpy(np.stack(expected)).permute(0, 3, 1, 2))
+    assert labels.tolist() == [0] * 6 + [1] * 6
 
 
 def test_random_crop_moves_pixels_per_sample_and_keeps_content() -> None:

@@ -15,11 +15,13 @@ checkpoint sees exactly the batches an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import multiprocessing
 import os
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,7 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR10_BATCHES = "cifar-10-batches-py"
 CACHE_FORMAT = 1  # bump when the cached layout changes
+DECODE_CHUNK = 256  # images a decoding process takes at a time
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -152,17 +155,17 @@ class ImageSource:
                 _missing_data_message(self.root, f"{split}/ holds no images", self.option)
             )
 
-        def decode_or_report(path: Path) -> np.ndarray | str:
-            try:
-                return load_image(path, image_size)
-            except ImageDecodeError as err:
-                return str(err)
-
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            results = list(tqdm(
-                pool.map(decode_or_report, [path for path, _ in files]),
-                total=len(files), desc=f"decoding {self.root.name}/{split}", unit="img",
-            ))
+        paths = [path for path, _ in files]
+        decode_one = functools.partial(_decode_or_report, image_size=image_size)
+        bar = dict(total=len(paths), desc=f"decoding {self.root.name}/{split}", unit="img")
+        # Processes, not threads: PIL holds the interpreter's lock for much of a small image's
+        # decode, and two threads decoded CIFAR's JPEGs slower than one (benchmarks/RESULTS.md).
+        processes = min(os.cpu_count() or 1, len(paths) // DECODE_CHUNK)
+        if processes < 2 or multiprocessing.current_process().daemon:
+            results = [decode_one(path) for path in tqdm(paths, **bar)]
+        else:
+            with ProcessPoolExecutor(processes) as pool:
+                results = list(tqdm(pool.map(decode_one, paths, chunksize=DECODE_CHUNK), **bar))
         failures = [r for r in results if isinstance(r, str)]
         if len(failures) == len(results):
             raise DataNotFoundError(f"no image under {self.root / split} could be read: {failures[0]}")
@@ -190,6 +193,14 @@ class ImageSource:
                 images.float(), size=(image_size, image_size), mode="bicubic", antialias=True
             ).round().clamp(0, 255).to(torch.uint8)
         return images, torch.tensor(dataset.targets, dtype=torch.int64)
+
+
+def _decode_or_report(path: Path, image_size: int) -> np.ndarray | str:
+    """The decoded image, or why it could not be decoded (returned from a worker process)."""
+    try:
+        return load_image(path, image_size)
+    except ImageDecodeError as err:
+        return str(err)
 
 
 def load_split(
