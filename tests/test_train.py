@@ -68,6 +68,15 @@ def test_the_test_after_fit_scores_the_best_or_the_last_weights_as_asked(tmp_pat
     assert cut.trainer.global_step == 3 and "test/acc" in cut.trainer.callback_metrics
 
 
+def test_a_fit_resumed_at_an_epochs_end_logs_no_accuracy_for_that_epoch(tmp_path: Path) -> None:
+    # validation at the epoch's last step writes last.ckpt; the resumed fit ends that epoch first
+    first = fit(tmp_path, "--trainer.val_check_interval", "0.5", "--test_after_fit", "false")
+    resumed = fit(tmp_path, "--trainer.val_check_interval", "0.5", "--test_after_fit", "false",
+                  "--trainer.max_epochs", "2",
+                  "--ckpt_path", str(Path(first.trainer.log_dir) / "checkpoints" / "last.ckpt"))
+    rows = list(csv.DictReader(open(Path(resumed.trainer.log_dir) / "metrics.csv")))
+    assert [row["epoch"] for row in rows if row.get("train/acc")] == ["1"]
+
 def test_last_checkpoint_is_of_the_step_a_fit_stops_at_with_raw_weights_apart(tmp_path: Path) -> None:
     # validations (and their saves) at steps 2 and 4; --trainer.max_steps stops the fit at 3
     cli = fit(tmp_path, "--trainer.max_steps", "3", "--trainer.val_check_interval", "0.5",

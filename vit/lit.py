@@ -236,17 +236,23 @@ class Classifier(L.LightningModule):
     # Lightning's log moved the metric to its device again each time (0.35 ms a step on a
     # 2-core CPU, benchmarks/RESULTS.md).
     def on_train_epoch_end(self) -> None:
-        self.log("train/acc", self.train_acc, prog_bar=True)
+        self._log_accuracy("train", self.train_acc)
 
     def on_test_epoch_end(self) -> None:
-        self.log("test/acc", self.test_acc, prog_bar=True)
+        self._log_accuracy("test", self.test_acc)
 
     def on_validation_epoch_end(self) -> None:
-        self.log("val/acc", self.val_acc, prog_bar=True)
+        self._log_accuracy("val", self.val_acc)
         # Accuracy against wall time: each validation row of the logs carries the minutes
         # since this process began fitting.
         if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
             self.log("time/fit_minutes", (time.monotonic() - self._fit_started) / 60)
+
+    def _log_accuracy(self, stage: str, metric: MulticlassAccuracy) -> None:
+        """Log ``metric`` over the batches since its last log; nothing where there were none (the
+        end of an epoch whose batches all ran before the checkpoint a fit resumed from)."""
+        if metric.update_count:
+            self.log(f"{stage}/acc", metric, prog_bar=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._loss_watch.raise_if_seen()  # never a checkpoint of weights past a non-finite loss
