@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 from pathlib import Path
@@ -29,7 +30,7 @@ from vit.augment import (
 )
 from vit.data import DataNotFoundError, ImageDataModule, ImageSource
 from vit.errors import ConfigError
-from vit.imageio import load_image
+from vit.imageio import ImageDecodeError, load_image
 
 
 def make_folder(root: Path, classes: dict[str, int], split: str = "train", size=(40, 30), mode="RGB") -> None:
@@ -147,6 +148,20 @@ def test_images_decode_alike_in_processes_and_in_process(tmp_path: Path, capsys,
     expected = [load_image(path, 8) for path in sorted((tmp_path / "train").glob("*/*.png"))]
     assert torch.equal(images, torch.from_numpy(np.stack(expected)).permute(0, 3, 1, 2))
     assert labels.tolist() == [0] * 6 + [1] * 6
+
+
+def _decoder_crash(path: Path, size: int) -> None:
+    os._exit(1)  # as a process dies when the image decoder crashes or memory runs out
+
+
+def test_a_decoding_process_that_dies_is_named_in_one_message(tmp_path: Path, monkeypatch) -> None:
+    make_folder(tmp_path, {"a": 6, "b": 6})
+    monkeypatch.setattr(vit.data, "DECODE_CHUNK", 2)
+    if not vit.data.decoding_processes(12):
+        pytest.skip("one core: the images decode in this process")
+    monkeypatch.setattr(vit.data, "load_image_or_reason", _decoder_crash)
+    with pytest.raises(ImageDecodeError, match="a decoding process died"):
+        ImageSource(tmp_path).decode("train", 8)
 
 
 def test_random_crop_moves_pixels_per_sample_and_keeps_content() -> None:

@@ -20,8 +20,10 @@ import hashlib
 import json
 import multiprocessing
 import os
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +45,7 @@ from vit.augment import (
     random_hflip,
 )
 from vit.errors import ConfigError
-from vit.imageio import ImageDecodeError, is_image_file, load_image
+from vit.imageio import ImageDecodeError, is_image_file, load_image_or_reason
 from vit.progress import find_timer, run_progress
 
 CIFAR10_CLASSES = [
@@ -156,16 +158,25 @@ class ImageSource:
             )
 
         paths = [path for path, _ in files]
-        decode_one = functools.partial(_decode_or_report, image_size=image_size)
+        decode_one = functools.partial(load_image_or_reason, size=image_size)
         bar = dict(total=len(paths), desc=f"decoding {self.root.name}/{split}", unit="img")
         # Processes, not threads: PIL holds the interpreter's lock for much of a small image's
         # decode, and two threads decoded CIFAR's JPEGs slower than one (benchmarks/RESULTS.md).
-        processes = min(os.cpu_count() or 1, len(paths) // DECODE_CHUNK)
-        if processes < 2 or multiprocessing.current_process().daemon:
+        # Forked on Linux (the children run PIL alone), where a spawned one imports torch first.
+        processes = decoding_processes(len(paths))
+        if not processes:
             results = [decode_one(path) for path in tqdm(paths, **bar)]
         else:
-            with ProcessPoolExecutor(processes) as pool:
-                results = list(tqdm(pool.map(decode_one, paths, chunksize=DECODE_CHUNK), **bar))
+            context = multiprocessing.get_context("fork") if sys.platform == "linux" else None
+            try:
+                with ProcessPoolExecutor(processes, mp_context=context) as pool:
+                    results = list(tqdm(pool.map(decode_one, paths, chunksize=DECODE_CHUNK), **bar))
+            except BrokenProcessPool:
+                raise ImageDecodeError(
+                    f"{self.root / split}: a decoding process died, killed for lack of memory "
+                    f"or by the image decoder crashing on a file there; free memory and run "
+                    f"again, and if it dies again, look for a damaged file."
+                ) from None
         failures = [r for r in results if isinstance(r, str)]
         if len(failures) == len(results):
             raise DataNotFoundError(f"no image under {self.root / split} could be read: {failures[0]}")
@@ -195,12 +206,12 @@ class ImageSource:
         return images, torch.tensor(dataset.targets, dtype=torch.int64)
 
 
-def _decode_or_report(path: Path, image_size: int) -> np.ndarray | str:
-    """The decoded image, or why it could not be decoded (returned from a worker process)."""
-    try:
-        return load_image(path, image_size)
-    except ImageDecodeError as err:
-        return str(err)
+def decoding_processes(images: int) -> int:
+    """Processes to decode ``images`` images with: one per core this process may run on, at most
+    one per ``DECODE_CHUNK`` images and 61 (the most Windows allows); below 2, none."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    processes = min(cores or 1, images // DECODE_CHUNK, 61)
+    return processes if processes >= 2 and not multiprocessing.current_process().daemon else 0
 
 
 def load_split(

@@ -70,3 +70,11 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageDecodeError(f"{path}: cannot decode ({err})") from None
     return np.asarray(resize_and_center_crop(rgb, size), dtype=np.uint8)
+
+
+def load_image_or_reason(path: str | Path, size: int) -> np.ndarray | str:
+    """``load_image``, or the reason it failed as text (for decoding processes to hand back)."""
+    try:
+        return load_image(path, size)
+    except ImageDecodeError as err:
+        return str(err)
