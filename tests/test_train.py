@@ -285,8 +285,8 @@ def test_training_loop_benchmark_times_a_recipes_loop_against_bare_steps(tmp_pat
     assert done.returncode == 0, done.stderr
     epochs = table_rows(done.stdout, "")[1:]  # the epochs, after the header
     assert [row[0] for row in epochs] == ["0", "1"]  # the profiled epoch is not timed
-    for _, loop_ms, bare_ms, ratio in epochs:
-        assert float(loop_ms) > 0 and float(bare_ms) > 0
+    for _, steps, loop_ms, bare_ms, ratio in epochs:
+        assert steps == "2" and float(loop_ms) > 0 and float(bare_ms) > 0
         assert float(ratio) == pytest.approx(float(loop_ms) / float(bare_ms), abs=0.02)
     assert "loop / bare steps, median of epochs 1-1:" in done.stdout
     assert "host time of 2 training steps by operator" in done.stdout and "aten::" in done.stdout

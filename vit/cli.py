@@ -173,9 +173,9 @@ class TrainCLI(LightningCLI):
             trainer = super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, TypeError, ValueError) as err:  # Lightning's checks
             raise ConfigError(f"{err} (check the --trainer options)") from None
-        # last.ckpt after every epoch and at the step a fit stops (Lightning's save_last only
-        # follows a new best), and every N steps when asked: one callback each, as Lightning
-        # takes one trigger per callback
+        # last.ckpt after every epoch (a cut-short one included) and every validation
+        # (Lightning's save_last only follows a new best), and every N steps when asked: one
+        # callback each, as Lightning takes one trigger per callback
         trainer.callbacks.append(LastCheckpoint())
         every = self._get(self.config, "checkpoint_every_n_steps")
         if every:

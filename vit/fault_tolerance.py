@@ -4,8 +4,8 @@
   to disk and renames it over the old one (``os.replace``, atomic on POSIX): a kill in the middle
   of a save leaves the previous checkpoint whole. Lightning's own writer stages the file in the
   system's temporary folder and moves it, which is a copy when that is another file system.
-- ``LastCheckpoint`` writes ``last.ckpt`` at every epoch end, the one where
-  ``--trainer.max_steps`` cuts an epoch short included, whenever validation runs.
+- ``LastCheckpoint`` writes ``last.ckpt`` at every epoch end (one that ``--trainer.max_steps``
+  cuts short included), however often validation runs, and after every validation.
 - ``CheckpointOnSIGTERM``: on SIGTERM (what cluster schedulers send before they kill) Lightning
   stops after the current batch; this callback then writes ``last.ckpt``, and the process exits
   with status 0.
