@@ -28,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
 from benchmarks.throughput import synchronize
-from vit.cli import TrainCLI
+from vit.cli import TrainCLI, user_error
 from vit.errors import positive_int
 from vit.lit import Classifier
 
@@ -141,11 +142,12 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__.split("\n\n")[0],
         epilog="Every other option is train.py fit's (--config, --data.*, --model.*, --trainer.*).",
     )
-    parser.add_argument("--batches", type=positive_int, default=50, help="steps per epoch")
+    parser.add_argument("--batches", type=positive_int, default=50,
+                        help="steps per epoch (default: 50)")
     parser.add_argument("--epochs", type=positive_int, default=4,
-                        help="timed epochs; the first is left out of the median")
+                        help="timed epochs; the first is left out of the median (default: 4)")
     parser.add_argument("--profile", type=positive_int, default=None, metavar="N",
-                        help="then profile N steps of one more epoch")
+                        help="then profile N steps of one more, untimed epoch")
     parser.add_argument("--trace", default=None, metavar="FILE",
                         help="with --profile: also write the steps as a Chrome trace")
     args, fit_options = parser.parse_known_args(argv)
@@ -158,21 +160,32 @@ def main(argv: list[str] | None = None) -> None:
 
     clock = LoopClock(args.epochs)
     profile = StepProfile(args.epochs, args.profile) if args.profile else None
+    # train.py's option errors in a few lines, and none of the warnings about what this run
+    # leaves out on purpose (validation, and so the checkpoint's monitored accuracy)
+    usage = f"{parser.prog} [--batches N] [--epochs N] [--profile N] [train.py fit options]"
+    warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
+    warnings.filterwarnings("ignore", message=".*could not find the monitored key.*")
     with tempfile.TemporaryDirectory() as scratch:
-        cli = TrainCLI(args=[
-            *fit_options,
-            f"--trainer.max_epochs={args.epochs + (1 if profile else 0)}",
-            f"--trainer.limit_train_batches={args.batches}",
-            "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
-            "--trainer.max_time=null", "--trainer.max_steps=-1",
-            "--trainer.enable_progress_bar=false",
-            f"--trainer.default_root_dir={scratch}",
-        ], run=False)
-        if cli.trainer.world_size > 1:
-            parser.error("the bare steps run on one device without gradient exchange: train on "
-                         "one (--trainer.devices 1).")
-        cli.trainer.callbacks.extend([clock] + ([profile] if profile else []))
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        try:
+            cli = TrainCLI(args=[
+                *fit_options,
+                f"--trainer.max_epochs={args.epochs + (1 if profile else 0)}",
+                f"--trainer.limit_train_batches={args.batches}",
+                "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
+                "--trainer.max_time=null", "--trainer.max_steps=-1",
+                "--trainer.enable_progress_bar=false",
+                f"--trainer.default_root_dir={scratch}",
+            ], run=False, parser_kwargs={"usage": usage, "prog": "train.py fit"})
+            if cli.trainer.world_size > 1:
+                parser.error("the bare steps run on one device without gradient exchange: "
+                             "train on one (--trainer.devices 1).")
+            cli.trainer.callbacks.extend([clock] + ([profile] if profile else []))
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        except Exception as error:  # a user's error is one line, as in train.py
+            found = user_error(error)
+            if found is None:
+                raise
+            sys.exit(f"error: {found}")
 
     print(f"\ntraining loop against bare steps: {' '.join(fit_options)}")
     print(f"device {cli.trainer.strategy.root_device}, precision {cli.trainer.precision}")

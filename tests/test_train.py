@@ -68,6 +68,15 @@ def test_the_test_after_fit_scores_the_best_or_the_last_weights_as_asked(tmp_pat
     assert cut.trainer.global_step == 3 and "test/acc" in cut.trainer.callback_metrics
 
 
+def test_a_fit_without_validation_says_which_weights_it_tests(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("INFO"):
+        cli = fit(tmp_path, "--trainer.limit_val_batches", "0")
+    assert "test/acc" in cli.trainer.callback_metrics
+    assert "no validation ran, so there is no best checkpoint" in caplog.text
+
+
 def test_a_fit_resumed_at_an_epochs_end_logs_no_accuracy_for_that_epoch(tmp_path: Path) -> None:
     # validation at the epoch's last step writes last.ckpt; the resumed fit ends that epoch first
     first = fit(tmp_path, "--trainer.val_check_interval", "0.5", "--test_after_fit", "false")

@@ -222,6 +222,9 @@ class TrainCLI(LightningCLI):
             ckpt = None
         else:
             ckpt = self.trainer.checkpoint_callback.best_model_path or None
+            if ckpt is None:
+                rank_zero_info("note: no validation ran, so there is no best checkpoint; the "
+                               "test scores the weights at the end of training.")
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
 
 
