@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {epoch} | {steps} | {1000 * loop / steps:.2f} | {1000 * bare / steps:.2f} "
               f"| {loop / bare:.2f} |")
     ratios = [loop / bare for loop, bare in zip(clock.loop, clock.bare)]
-    which = f"epochs 1-{len(ratios) - 1}" if len(ratios) > 1 else "its one epoch, compiling"
+    which = f"epochs 1-{len(ratios) - 1}" if len(ratios) > 1 else "the one epoch"
     print(f"loop / bare steps, median of {which}: {statistics.median(ratios[1:] or ratios):.2f}")
     if profile and profile.profiler is not None:
         table = profile.profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
