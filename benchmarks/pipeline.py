@@ -21,16 +21,15 @@ import argparse
 import itertools
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import lightning as L
 import torch
-import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from benchmarks import image_root
+from benchmarks.training_loop import LoopClock, bare_step
 from vit.data import CIFAR10_MEAN, CIFAR10_STD, ImageDataModule
 from vit.lit import Classifier
 from vit.model import ImageClassifier, encoder_config
@@ -89,55 +88,19 @@ def loader_rate(loader: DataLoader, n: int, batch_size: int) -> float:
     return result
 
 
-def training_step(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, label_smoothing: float = 0.0
-) -> Callable[[torch.Tensor, torch.Tensor], None]:
-    """One bare optimiser step of ``model`` on a batch: what an epoch costs without its loop."""
-
-    def step(images: torch.Tensor, labels: torch.Tensor) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(images), labels, label_smoothing=label_smoothing).backward()
-        optimizer.step()
-
-    return step
-
-
-class EpochClock(Callback):
-    """Wall time of each training epoch, from its first batch request to its end, and right
-    after each epoch the time of as many bare steps of the same model, optimiser and batch size,
-    so that each epoch has its own baseline measured next to it."""
-
-    def __init__(self, batch: tuple[torch.Tensor, torch.Tensor], steps: int) -> None:
-        self.batch, self.steps = batch, steps
-        self.epochs: list[float] = []
-        self.bare: list[float] = []
-
-    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self.epochs.append(time.perf_counter() - self._start)
-        step = training_step(module.net, trainer.optimizers[0], module.hparams.label_smoothing)
-        start = time.perf_counter()
-        for _ in range(self.steps):
-            step(*self.batch)
-        self.bare.append(time.perf_counter() - start)
-
-
 def lightning_overhead(
     dm: ImageDataModule, variant: str, n: int, epochs: int
 ) -> tuple[float, float, float]:
     """The median ratio of a Lightning epoch of ``n`` steps to the ``n`` bare steps timed right
     after it, minus one, over the epochs after the first; and the two medians in seconds."""
     module = Classifier(variant, data_spec=dm.spec)
-    batch = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
-    clock = EpochClock(batch, n)
+    clock = LoopClock(epochs)
     trainer = L.Trainer(
         max_epochs=epochs, limit_train_batches=n, limit_val_batches=0, logger=False,
         enable_checkpointing=False, callbacks=[clock], log_every_n_steps=10,
     )
     trainer.fit(module, datamodule=dm)
-    epoch_times, bare_times = clock.epochs[1:] or clock.epochs, clock.bare[1:] or clock.bare
+    epoch_times, bare_times = clock.loop[1:] or clock.loop, clock.bare[1:] or clock.bare
     overhead = statistics.median(e / b for e, b in zip(epoch_times, bare_times)) - 1
     return overhead, statistics.median(epoch_times), statistics.median(bare_times)
 
@@ -177,7 +140,7 @@ def main() -> None:
 
     model = ImageClassifier(image_size=32, patch_size=4, num_classes=dm.num_classes,
                             encoder=encoder_config(args.variant))
-    step = training_step(model, torch.optim.AdamW(model.parameters(), lr=1e-4))
+    step = bare_step(model, torch.optim.AdamW(model.parameters(), lr=1e-4))
 
     fixed = next(ours_batches(dm))
     step(*fixed)  # warm up: kernels built or loaded, memory allocated, before either clock

@@ -24,12 +24,14 @@ writes those steps as a Chrome trace.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import lightning as L
@@ -40,20 +42,19 @@ from lightning.pytorch.callbacks import Callback
 from benchmarks.throughput import synchronize
 from vit.cli import TrainCLI, user_error
 from vit.errors import positive_int
-from vit.lit import Classifier
 
 
 def bare_step(
-    trainer: L.Trainer, module: Classifier
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, label_smoothing: float = 0.0,
+    precision: Callable[[], AbstractContextManager] = contextlib.nullcontext,
 ) -> Callable[[torch.Tensor, torch.Tensor], None]:
-    """One optimiser step of ``module``'s network alone, in the trainer's precision."""
-    optimizer = trainer.optimizers[0]
-    smoothing = module.hparams.label_smoothing
+    """One optimiser step of ``model`` alone on a batch, its forward and loss inside
+    ``precision`` (a trainer's autocast): what a step costs without its loop."""
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
-        with trainer.precision_plugin.forward_context():
-            loss = F.cross_entropy(module.net(images), labels, label_smoothing=smoothing)
+        with precision():
+            loss = F.cross_entropy(model(images), labels, label_smoothing=label_smoothing)
         loss.backward()
         optimizer.step()
 
@@ -89,7 +90,8 @@ class LoopClock(Callback):
         synchronize(module.device)
         self.loop.append(time.perf_counter() - self._start)
         self.steps.append(trainer.num_training_batches)
-        step = bare_step(trainer, module)
+        step = bare_step(module.net, trainer.optimizers[0], module.hparams.label_smoothing,
+                         trainer.precision_plugin.forward_context)
         start = time.perf_counter()
         for _ in range(trainer.num_training_batches):
             step(*self._batch)
