@@ -52,6 +52,21 @@ def test_bundled_sample_decodes_to_uint8_with_split(sample_root: Path) -> None:
     assert torch.bincount(test.labels).tolist() == [20] * 10
 
 
+def test_first_test_batch_samples_every_class_not_the_first_folder(tmp_path: Path) -> None:
+    make_folder(tmp_path, {"a": 2, "b": 2, "c": 2})
+    make_folder(tmp_path, {"a": 8, "b": 8, "c": 8}, split="test", size=(8, 8))
+    orders = []
+    for seed in (0, 1):
+        dm = ImageDataModule(str(tmp_path), download=False, val_fraction=0.0, batch_size=8,
+                             cache_dir=str(tmp_path / "cache"), seed=seed)
+        dm.setup("test")
+        _, labels = next(iter(dm.test_dataloader()))
+        assert len(set(labels.tolist())) == 3  # in file order the first batch is all "a"
+        assert torch.bincount(dm.splits["test"].labels).tolist() == [8, 8, 8]
+        orders.append(dm.splits["test"].images)
+    assert torch.equal(*orders)  # the same order, whatever the training seed
+
+
 def test_second_setup_reads_the_cache_not_the_images(sample_root: Path, tmp_path: Path, monkeypatch) -> None:
     ImageDataModule(str(sample_root), download=False, cache_dir=str(tmp_path)).setup("fit")
     assert len(list(tmp_path.glob("*.safetensors"))) == 2  # train and test
@@ -103,7 +118,7 @@ def test_cifar_batches_folder_is_read(tmp_path: Path, monkeypatch) -> None:
         dm = ImageDataModule(str(root), download=False, val_fraction=0.0, cache_dir=None)
         dm.setup("fit")
         assert dm.splits["train"].images.shape == (20, 3, 32, 32)
-        assert dm.splits["test"].labels.tolist() == [0, 1, 2, 3]
+        assert sorted(dm.splits["test"].labels.tolist()) == [0, 1, 2, 3]
 
 
 def test_missing_data_without_network_says_how_to_point_at_a_copy(tmp_path: Path, monkeypatch) -> None:

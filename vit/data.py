@@ -557,9 +557,12 @@ class ImageDataModule(L.LightningDataModule):
         self.splits["train"] = BatchTensorDataset(images[train_idx], labels[train_idx])
         self.splits["val"] = BatchTensorDataset(images[val_idx], labels[val_idx])
         if source.has_split("test"):
-            self.splits["test"] = BatchTensorDataset(
-                *load_split(source, "test", self.image_size, self.cache_dir)
-            )
+            images, labels = load_split(source, "test", self.image_size, self.cache_dir)
+            # An image folder lists its test images class by class; in a fixed shuffled order,
+            # the first batches (``--trainer.limit_test_batches``) sample every class instead
+            # of holding the first class alone. The same order whatever the seed.
+            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+            self.splits["test"] = BatchTensorDataset(images[order], labels[order])
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.splits or len(self.splits[split]) == 0:
