@@ -76,6 +76,26 @@ def test_second_setup_reads_the_cache_not_the_images(sample_root: Path, tmp_path
     assert len(dm.splits["train"]) == 900
 
 
+def test_prepare_data_decodes_once_for_every_process_of_a_machine(
+    tmp_path: Path, monkeypatch
+) -> None:
+    make_folder(tmp_path, {"a": 3, "b": 3})
+    make_folder(tmp_path, {"a": 2, "b": 2}, split="test")
+    options = dict(download=False, val_fraction=0.0, cache_dir=str(tmp_path / "cache"))
+    first = ImageDataModule(str(tmp_path), **options)
+    first.prepare_data()  # Lightning: one process per machine, before every process's setup
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
+    monkeypatch.setattr(ImageSource, "decode", lambda *a, **k: pytest.fail("decoded again"))
+    first.setup("fit")  # what it decoded, kept in memory
+    other = ImageDataModule(str(tmp_path), **options)
+    other.setup("fit")  # another DDP process: the cache
+    for dm in (first, other):
+        assert (len(dm.splits["train"]), len(dm.splits["test"])) == (6, 4)
+    assert torch.equal(first.splits["test"].images, other.splits["test"].images)
+    first.prepare_data()  # a later trainer.test: nothing to do
+    assert not first._decoded
+
+
 def test_cache_key_changes_when_a_file_changes(tmp_path: Path) -> None:
     root = tmp_path / "data"
     make_folder(root, {"a": 2, "b": 2})

@@ -501,6 +501,7 @@ class ImageDataModule(L.LightningDataModule):
         self.seed = seed
         self.class_names = self._find_class_names()
         self.splits: dict[str, BatchTensorDataset] = {}
+        self._decoded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # by prepare_data
         self._sampler: EpochSampler | None = None
         self._epoch, self._batches = 0, 0  # training batches drawn so far in this epoch
 
@@ -528,13 +529,26 @@ class ImageDataModule(L.LightningDataModule):
         }
 
     def prepare_data(self) -> None:
-        """Download CIFAR-10 when ``root`` holds no data (once per node, before ``setup``)."""
-        try:
-            ImageSource(self.root)
+        """Download CIFAR-10 when ``root`` holds no data, and decode the splits into the cache.
+
+        Lightning runs this in one process per machine, before ``setup``: under DDP the other
+        processes then read the cache instead of each decoding every image with a process per
+        core. This process keeps what it decoded for its own ``setup``.
+        """
+        if self.splits:
             return
+        try:
+            source = ImageSource(self.root)
         except DataNotFoundError:
             if not self.download:
                 raise
+            self._download_cifar10()
+            source = ImageSource(self.root)
+        for split in ("train", "test"):
+            if source.has_split(split):
+                self._decoded[split] = load_split(source, split, self.image_size, self.cache_dir)
+
+    def _download_cifar10(self) -> None:
         from torchvision.datasets import CIFAR10
 
         try:
@@ -546,18 +560,24 @@ class ImageDataModule(L.LightningDataModule):
                                       offer_download=False)
             ) from None
 
+    def _load(self, source: ImageSource, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A split as ``prepare_data`` decoded it in this process, else from the cache or files."""
+        if split in self._decoded:
+            return self._decoded.pop(split)
+        return load_split(source, split, self.image_size, self.cache_dir)
+
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
         source = ImageSource(self.root)
-        images, labels = load_split(source, "train", self.image_size, self.cache_dir)
+        images, labels = self._load(source, "train")
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
         num_val = held_out_count(len(labels), self.val_fraction, "images")
         val_idx, train_idx = order[:num_val], order[num_val:]
         self.splits["train"] = BatchTensorDataset(images[train_idx], labels[train_idx])
         self.splits["val"] = BatchTensorDataset(images[val_idx], labels[val_idx])
         if source.has_split("test"):
-            images, labels = load_split(source, "test", self.image_size, self.cache_dir)
+            images, labels = self._load(source, "test")
             # An image folder lists its test images class by class; in a fixed shuffled order,
             # the first batches (``--trainer.limit_test_batches``) sample every class instead
             # of holding the first class alone. The same order whatever the seed.
