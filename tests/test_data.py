@@ -340,6 +340,25 @@ def test_mixed_targets_are_the_shares_of_each_image_in_the_mixture(alphas: tuple
         assert (targets > 0).sum(dim=1).max() <= 2
 
 
+def test_mix_probability_leaves_that_share_of_batches_as_they_are() -> None:
+    images, labels = torch.rand(8, 3, 16, 16), torch.arange(8)
+    one_hot = torch.eye(8)
+
+    def mix(seed: int, probability: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return mixup_or_cutmix(images, labels, 8, torch.Generator().manual_seed(seed),
+                               mixup_alpha=0.8, cutmix_alpha=1.0, probability=probability)
+
+    for seed in range(5):
+        kept, targets = mix(seed, 0.0)
+        assert kept is images and torch.equal(targets, one_hot)
+        torch.testing.assert_close(mix(seed, 1.0)[1], mixup_or_cutmix(
+            images, labels, 8, torch.Generator().manual_seed(seed), mixup_alpha=0.8,
+            cutmix_alpha=1.0)[1])  # the default: every batch, the same draws as before
+    mixed = [not torch.equal(mix(seed, 0.5)[1], one_hot) for seed in range(200)]
+    assert 80 <= sum(mixed) <= 120
+    assert [not torch.equal(mix(seed, 0.5)[1], one_hot) for seed in range(200)] == mixed
+
+
 def test_auto_augment_is_seeded_by_its_generator_and_leaves_the_global_one_alone() -> None:
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
     state = torch.get_rng_state()
@@ -414,6 +433,7 @@ def test_downscale_averages_neighbouring_pixels() -> None:
     ({"mixup_alpha": 0.8, "batch_size": 33}, "--data.batch_size 33: mixup and CutMix pair"),
     ({"random_erasing": 1.5}, "--data.random_erasing is a probability in [0, 1], got 1.5"),
     ({"cutmix_alpha": -1.0}, "--data.cutmix_alpha must be 0 (off) or positive, got -1.0"),
+    ({"mix_probability": 1.5}, "--data.mix_probability is the share of batches mixed, in [0, 1]"),
 ])
 def test_bad_augmentation_options_are_named(sample_root: Path, options: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -195,16 +195,20 @@ def mixup_or_cutmix(
     *,
     mixup_alpha: float = 0.0,
     cutmix_alpha: float = 0.0,
+    probability: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mix each image with the batch's mirror-order partner: (images, (B, classes) targets).
 
     Zhang et al. (2018) mixup blends whole images with weight ``lam ~ Beta(alpha, alpha)``;
     Yun et al. (2019) CutMix pastes a box of area ``1 - lam`` from the partner. When both are
     on, each batch takes one of the two with equal odds (timm's ``Mixup`` in batch mode, with
-    the label weight corrected to the box's clipped area). Targets are the label mix.
+    the label weight corrected to the box's clipped area). Targets are the label mix. A batch
+    is mixed with ``probability`` (timm's ``mix_prob``), else left as it is, its targets one-hot.
     """
     if mixup_alpha <= 0 and cutmix_alpha <= 0:
         raise ValueError("mixup_or_cutmix needs mixup_alpha or cutmix_alpha above 0.")
+    if probability < 1 and bool(torch.rand(1, generator=generator) >= probability):
+        return images, F.one_hot(labels, num_classes).to(images.dtype)
     use_cutmix = cutmix_alpha > 0 and (
         mixup_alpha <= 0 or bool(torch.rand(1, generator=generator) < 0.5)
     )

@@ -413,6 +413,8 @@ class ImageDataModule(L.LightningDataModule):
         mixup_alpha: Beta parameter of mixup between training images; 0 turns it off.
         cutmix_alpha: Beta parameter of CutMix; 0 turns it off. With both on, each batch
             takes one of the two. Targets become label mixtures.
+        mix_probability: Share of the training batches that mixup or CutMix mixes (timm's
+            ``mix_prob``); the others train on their images as they are.
         low_res_size: Train on images shrunk to this side (a multiple of the patch size) for
             the first ``low_res_fraction`` of the run: fewer tokens, several times the steps
             per second, the same parameters (positions are resampled). 0 turns it off.
@@ -445,6 +447,7 @@ class ImageDataModule(L.LightningDataModule):
         random_erasing: float = 0.0,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
+        mix_probability: float = 1.0,
         low_res_size: int = 0,
         low_res_fraction: float = 0.5,
         mean: tuple[float, float, float] = CIFAR10_MEAN,
@@ -469,6 +472,11 @@ class ImageDataModule(L.LightningDataModule):
         for name, alpha in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
             if alpha < 0:
                 raise ConfigError(f"--data.{name} must be 0 (off) or positive, got {alpha}.")
+        if not 0 <= mix_probability <= 1:
+            raise ConfigError(
+                f"--data.mix_probability is the share of batches mixed, in [0, 1], got "
+                f"{mix_probability}."
+            )
         if (mixup_alpha > 0 or cutmix_alpha > 0) and batch_size % 2:
             raise ConfigError(
                 f"--data.batch_size {batch_size}: mixup and CutMix pair each image with another "
@@ -493,6 +501,7 @@ class ImageDataModule(L.LightningDataModule):
         self.uint8_augmentation = Uint8Augmentation(auto_augment, crop_padding, hflip)
         self.random_erasing = random_erasing
         self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
+        self.mix_probability = mix_probability
         self.low_res_size, self.low_res_fraction = low_res_size, low_res_fraction
         self._total_steps: int | None = None  # the run's optimiser steps, read at its first batch
         self.mean, self.std = tuple(mean), tuple(std)
@@ -658,6 +667,7 @@ class ImageDataModule(L.LightningDataModule):
             images, labels = mixup_or_cutmix(
                 images, labels, self.num_classes, generator,
                 mixup_alpha=self.mixup_alpha, cutmix_alpha=self.cutmix_alpha,
+                probability=self.mix_probability,
             )
         return images, labels
 
