@@ -22,7 +22,6 @@ import torch
 
 from benchmarks.kill_resume import kill_and_resume, val_accuracy, weight_difference
 from vit.cli import run
-from vit.data import ImageDataModule
 from vit.fault_tolerance import AtomicCheckpointIO, find_last_checkpoint
 from vit.loss_watch import NonFiniteLossWatch
 

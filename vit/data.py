@@ -15,6 +15,7 @@ checkpoint sees exactly the batches an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -56,6 +57,7 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR10_BATCHES = "cifar-10-batches-py"
 CACHE_FORMAT = 1  # bump when the cached layout changes
 DECODE_CHUNK = 256  # images a decoding process takes at a time
+TEST_ORDER_SEED = 0  # the test loader's fixed order, the same for every run
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -238,8 +240,18 @@ def load_split(
         print(f"warning: could not write the decoded-data cache in {cache_dir} ({err}); "
               f"set --data.cache_dir to a writable folder to skip decoding next time.")
     finally:
-        tmp.unlink(missing_ok=True)  # a write that failed half way leaves no partial file
+        with contextlib.suppress(OSError):  # a write that failed half way leaves no partial file
+            tmp.unlink(missing_ok=True)
     return images, labels
+
+
+def writable_folder(folder: Path) -> bool:
+    """Whether ``folder`` exists or can be made, and files can be written in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
 
 
 def held_out_count(total: int, val_fraction: float, items: str) -> int:
@@ -413,8 +425,9 @@ class ImageDataModule(L.LightningDataModule):
         mixup_alpha: Beta parameter of mixup between training images; 0 turns it off.
         cutmix_alpha: Beta parameter of CutMix; 0 turns it off. With both on, each batch
             takes one of the two. Targets become label mixtures.
-        mix_probability: Share of the training batches that mixup or CutMix mixes (timm's
-            ``mix_prob``); the others train on their images as they are.
+        mix_probability: Chance that mixup or CutMix mixes a training batch (timm's
+            ``mix_prob``); a batch left unmixed keeps one-hot targets and every other
+            augmentation.
         low_res_size: Train on images shrunk to this side (a multiple of the patch size) for
             the first ``low_res_fraction`` of the run: fewer tokens, several times the steps
             per second, the same parameters (positions are resampled). 0 turns it off.
@@ -474,8 +487,8 @@ class ImageDataModule(L.LightningDataModule):
                 raise ConfigError(f"--data.{name} must be 0 (off) or positive, got {alpha}.")
         if not 0 <= mix_probability <= 1:
             raise ConfigError(
-                f"--data.mix_probability is the share of batches mixed, in [0, 1], got "
-                f"{mix_probability}."
+                f"--data.mix_probability is a probability in [0, 1] (the chance a training "
+                f"batch is mixed), got {mix_probability}."
             )
         if (mixup_alpha > 0 or cutmix_alpha > 0) and batch_size % 2:
             raise ConfigError(
@@ -541,8 +554,9 @@ class ImageDataModule(L.LightningDataModule):
         """Download CIFAR-10 when ``root`` holds no data, and decode the splits into the cache.
 
         Lightning runs this in one process per machine, before ``setup``: under DDP the other
-        processes then read the cache instead of each decoding every image with a process per
-        core. This process keeps what it decoded for its own ``setup``.
+        processes wait for it and then read the cache instead of each decoding every image with
+        a process per core. This process keeps what it decoded for its own ``setup``. Where the
+        cache folder cannot be written, every process decodes in its ``setup`` instead.
         """
         if self.splits:
             return
@@ -553,8 +567,10 @@ class ImageDataModule(L.LightningDataModule):
                 raise
             self._download_cifar10()
             source = ImageSource(self.root)
+        if not writable_folder(self.cache_dir):
+            return
         for split in ("train", "test"):
-            if source.has_split(split):
+            if source.has_split(split) and split not in self._decoded:
                 self._decoded[split] = load_split(source, split, self.image_size, self.cache_dir)
 
     def _download_cifar10(self) -> None:
@@ -586,14 +602,11 @@ class ImageDataModule(L.LightningDataModule):
         self.splits["train"] = BatchTensorDataset(images[train_idx], labels[train_idx])
         self.splits["val"] = BatchTensorDataset(images[val_idx], labels[val_idx])
         if source.has_split("test"):
-            images, labels = self._load(source, "test")
-            # An image folder lists its test images class by class; in a fixed shuffled order,
-            # the first batches (``--trainer.limit_test_batches``) sample every class instead
-            # of holding the first class alone. The same order whatever the seed.
-            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
-            self.splits["test"] = BatchTensorDataset(images[order], labels[order])
+            self.splits["test"] = BatchTensorDataset(*self._load(source, "test"))
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool, mixed_order: bool = False) -> DataLoader:
+        """``split``'s loader: shuffled each epoch (training), in the split's own order, or with
+        ``mixed_order`` in one fixed shuffled order."""
         if split not in self.splits or len(self.splits[split]) == 0:
             raise DataNotFoundError(
                 f"no {split} images under {self.root}"
@@ -614,6 +627,9 @@ class ImageDataModule(L.LightningDataModule):
             )
             sampler.resume(self._epoch, self._batches * self.batch_size)
             self._sampler = sampler
+        elif mixed_order:
+            generator = torch.Generator().manual_seed(TEST_ORDER_SEED)
+            sampler = torch.randperm(len(dataset), generator=generator).tolist()
         return DataLoader(
             dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=_batch_as_is,
             drop_last=shuffle and len(sampler) > self.batch_size,
@@ -635,7 +651,9 @@ class ImageDataModule(L.LightningDataModule):
         return self._loader("val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        # An image folder lists its test images class by class; in a fixed shuffled order the
+        # first batches (``--trainer.limit_test_batches``) sample every class, not the first.
+        return self._loader("test", shuffle=False, mixed_order=True)
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
