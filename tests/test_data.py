@@ -450,6 +450,7 @@ def test_downscale_averages_neighbouring_pixels() -> None:
     ({"cutmix_alpha": -1.0}, "--data.cutmix_alpha must be 0 (off) or positive, got -1.0"),
     ({"mix_probability": 1.5}, "--data.mix_probability is a probability in [0, 1]"),
     ({"mix_probability": -0.1}, "--data.mix_probability is a probability in [0, 1]"),
+    ({"mix_probability": 0.5}, "--data.mix_probability 0.5 has nothing to mix: set --data.mixup_alpha"),
 ])
 def test_bad_augmentation_options_are_named(sample_root: Path, options: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -490,6 +490,11 @@ class ImageDataModule(L.LightningDataModule):
                 f"--data.mix_probability is a probability in [0, 1] (the chance a training "
                 f"batch is mixed), got {mix_probability}."
             )
+        if mix_probability < 1 and mixup_alpha <= 0 and cutmix_alpha <= 0:
+            raise ConfigError(
+                f"--data.mix_probability {mix_probability} has nothing to mix: set "
+                f"--data.mixup_alpha or --data.cutmix_alpha above 0, or leave it at 1."
+            )
         if (mixup_alpha > 0 or cutmix_alpha > 0) and batch_size % 2:
             raise ConfigError(
                 f"--data.batch_size {batch_size}: mixup and CutMix pair each image with another "
