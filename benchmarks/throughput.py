@@ -163,10 +163,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="torch.compile our model")
     parser.add_argument("--compile-timm", action="store_true", help="torch.compile timm's model")
+    parser.add_argument("--compile-mode", default="default",
+                        choices=["default", "reduce-overhead", "max-autotune",
+                                 "max-autotune-no-cudagraphs"],
+                        help="torch.compile's mode for the compiled models (reduce-overhead: CUDA graphs)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="bf16: both models under bf16 autocast (slow on CPUs without bf16 units)")
     args = parser.parse_args()
+    if args.compile_mode != "default" and not (args.compile or args.compile_timm):
+        parser.error(f"--compile-mode {args.compile_mode} needs --compile or --compile-timm.")
 
     device = parse_device(parser, args.device)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
@@ -185,9 +191,9 @@ def main() -> None:
         labels = torch.randint(0, 10, (args.batch_size,), device=device)
         flops = {"ours": step_flops(ours, images, labels), "timm": step_flops(theirs, images, labels)}
         if args.compile:
-            ours.compile()
+            ours.compile(mode=args.compile_mode)
         if args.compile_timm:
-            theirs.compile()
+            theirs.compile(mode=args.compile_mode)
         for mode in ("train", "infer"):
             models = {"ours": ours, "timm": theirs}
             if mode == "train":
@@ -215,7 +221,7 @@ def main() -> None:
     compiled = [name for name, on in (("ours", args.compile), ("timm", args.compile_timm)) if on]
     print(f"batch {args.batch_size}, {args.image_size}x{args.image_size}, patch {args.patch_size}, "
           f"median of {args.repeats} interleaved repeats of {args.steps} steps"
-          + (f", compiled: {' and '.join(compiled)}" if compiled else "")
+          + (f", compiled ({args.compile_mode}): {' and '.join(compiled)}" if compiled else "")
           + (f", our large linear layers: {'oneDNN' if cpu_linear.enabled() else 'MKL'}"
              if device.type == "cpu" else ""))
     print("| variant | mode | ours img/s | timm img/s | ours / timm | ours GFLOP/s | ours % of matmul "

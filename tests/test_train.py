@@ -178,6 +178,23 @@ def test_compiled_model_computes_the_same_and_saves_the_same_keys(image_spec: di
         torch.testing.assert_close(compiled(images), eager(images), rtol=1e-4, atol=1e-5)
 
 
+def test_compile_mode_reaches_torch_compile(image_spec: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    modes = []
+
+    def recording_compile(function, *, mode: str | None = None, **kwargs):
+        modes.append(mode)
+        return function
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    Classifier("nano", data_spec=dict(image_spec), compile=True, compile_mode="reduce-overhead")
+    Classifier("nano", data_spec=dict(image_spec), compile=True)
+    assert modes == ["reduce-overhead", "default"]
+    with pytest.raises(ConfigError, match="--model.compile_mode max-autotune takes effect only "
+                                          "with --model.compile true"):
+        Classifier("nano", data_spec=dict(image_spec), compile_mode="max-autotune")
+    assert len(modes) == 2
+
+
 def test_a_compiled_model_trains_at_a_second_image_size() -> None:
     """After a first size, the compiled shapes turn symbolic; the positions resampled for the
     lower-resolution phase still train, and as in eager mode."""

@@ -132,6 +132,10 @@ class Classifier(L.LightningModule):
             as 2-D sine-cosine embeddings (still learned); image data only.
         compile: Compile the network with ``torch.compile`` before fitting (the first steps
             of each input shape are slow while it compiles; state-dict keys stay unchanged).
+        compile_mode: ``torch.compile``'s mode, with ``compile``: ``"reduce-overhead"``
+            replays each step as a CUDA graph on a GPU (one launch in place of hundreds, for
+            steps bound by kernel launches), ``"max-autotune"`` also times alternative kernels
+            while compiling.
         init_from: A weights file (timm ViT ``.safetensors``/``.pth`` or a checkpoint of
             this project) to start fitting from; positions are resampled to this image size
             and a head of another class count is re-initialised.
@@ -161,6 +165,9 @@ class Classifier(L.LightningModule):
         attention_init: Literal["timm", "mimetic"] = "timm",
         position_init: Literal["trunc_normal", "sincos"] = "trunc_normal",
         compile: bool = False,
+        compile_mode: Literal[
+            "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+        ] = "default",
         init_from: str | None = None,
         data_spec: dict[str, Any] | None = None,
     ) -> None:
@@ -194,8 +201,12 @@ class Classifier(L.LightningModule):
                 block.attn.mimetic_init_()
         if position_init == "sincos":
             self.net.sincos_positions_()
-        if compile:
-            self.net.compile()  # in place: no ``_orig_mod.`` prefix in the saved keys
+        if compile_mode != "default" and not compile:
+            raise ConfigError(
+                f"--model.compile_mode {compile_mode} takes effect only with --model.compile true."
+            )
+        if compile:  # in place: no ``_orig_mod.`` prefix in the saved keys
+            self.net.compile(mode=compile_mode)
         # Without torchmetrics' input checks, which read a GPU's result (``torch.unique`` of the
         # predictions and of the targets) and so made the host wait twice a step; the loss has
         # already checked the labels.
