@@ -13,6 +13,7 @@ import pytest
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from PIL import Image
+from safetensors import SafetensorError
 from torchvision.transforms import v2
 
 import vit.data
@@ -28,7 +29,7 @@ from vit.augment import (
     random_erasing,
     random_hflip,
 )
-from vit.data import DataNotFoundError, ImageDataModule, ImageSource
+from vit.data import DataNotFoundError, ImageDataModule, ImageSource, default_cache_dir, load_split
 from vit.errors import ConfigError
 from vit.imageio import ImageDecodeError, load_image
 
@@ -112,6 +113,49 @@ def test_without_a_writable_cache_every_process_decodes_in_setup(
     dm.setup("fit")
     assert len(dm.splits["train"]) == 4
     assert "could not write the decoded-data cache" in capsys.readouterr().out
+
+
+def test_a_cache_write_that_safetensors_refuses_warns_and_trains_on(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """A folder that exists but cannot be written (a read-only mount, where root passes the
+    permission check) makes safetensors raise its own error, not an OSError."""
+    make_folder(tmp_path, {"a": 2, "b": 2})
+
+    def refused(*args, **kwargs) -> None:
+        raise SafetensorError("Read-only file system (os error 30)")
+
+    monkeypatch.setattr(vit.data, "save_file", refused)
+    images, labels = load_split(ImageSource(tmp_path), "train", 8, tmp_path / "cache")
+    assert images.shape == (4, 3, 8, 8) and labels.tolist() == [0, 0, 1, 1]
+    assert "could not write the decoded-data cache" in capsys.readouterr().out
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_cache_files_take_the_umask_not_safetensors_private_mode(tmp_path: Path) -> None:
+    make_folder(tmp_path, {"a": 2, "b": 2})
+    mask = os.umask(0o022)
+    try:
+        load_split(ImageSource(tmp_path), "train", 8, tmp_path / "cache")
+    finally:
+        os.umask(mask)
+    (written,) = (tmp_path / "cache").iterdir()
+    assert written.stat().st_mode & 0o777 == 0o644
+
+
+def test_an_empty_cache_variable_means_the_default_cache(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("VIT_CACHE_DIR", "")
+    assert default_cache_dir() == tmp_path / "vit"
+    monkeypatch.setenv("VIT_CACHE_DIR", str(tmp_path / "mine"))
+    assert default_cache_dir() == tmp_path / "mine"
+
+
+def test_one_class_folder_is_refused(tmp_path: Path) -> None:
+    make_folder(tmp_path, {"images": 3})
+    with pytest.raises(ConfigError, match=r"holds one class folder, 'images': a classifier needs "
+                                          r"at least two"):
+        ImageDataModule(str(tmp_path), download=False)
 
 
 def test_cache_key_changes_when_a_file_changes(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
@@ -66,7 +67,7 @@ class DataNotFoundError(FileNotFoundError):
 
 def default_cache_dir() -> Path:
     """``$VIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/vit``, else ``~/.cache/vit``."""
-    if "VIT_CACHE_DIR" in os.environ:
+    if os.environ.get("VIT_CACHE_DIR"):  # set and not empty
         return Path(os.environ["VIT_CACHE_DIR"])
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vit"
 
@@ -108,6 +109,12 @@ class ImageSource:
                 _missing_data_message(
                     self.root, "train/ holds no class folders with images", self.option
                 )
+            )
+        if len(splits["train"]) == 1:
+            raise ConfigError(
+                f"{self.root / 'train'} holds one class folder, {splits['train'][0]!r}: a "
+                f"classifier needs at least two. Put each class's images in a folder of its own "
+                f"(train/cat/*.jpg, train/dog/*.jpg, ...)."
             )
         if "test" in splits and splits["test"] != splits["train"]:
             only_train = sorted(set(splits["train"]) - set(splits["test"]))
@@ -235,14 +242,22 @@ def load_split(
         cache_dir.mkdir(parents=True, exist_ok=True)
         save_file({"images": images, "labels": labels}, tmp,
                   metadata={"classes": json.dumps(source.class_names)})
+        os.chmod(tmp, 0o666 & ~current_umask())  # safetensors writes 0600: others could not read
         os.replace(tmp, path)  # atomic: a reader never sees half a file
-    except OSError as err:
+    except (OSError, SafetensorError) as err:
         print(f"warning: could not write the decoded-data cache in {cache_dir} ({err}); "
               f"set --data.cache_dir to a writable folder to skip decoding next time.")
     finally:
         with contextlib.suppress(OSError):  # a write that failed half way leaves no partial file
             tmp.unlink(missing_ok=True)
     return images, labels
+
+
+def current_umask() -> int:
+    """The process's file-mode creation mask (read by setting it, then set back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def writable_folder(folder: Path) -> bool:
@@ -615,7 +630,8 @@ class ImageDataModule(L.LightningDataModule):
         if split not in self.splits or len(self.splits[split]) == 0:
             raise DataNotFoundError(
                 f"no {split} images under {self.root}"
-                + (": raise --data.val_fraction above 0." if split == "val" else
+                + (": raise --data.val_fraction above 0, or pass --trainer.limit_val_batches 0 "
+                   "to train without validation." if split == "val" else
                    ": add a test/<class>/ folder beside train/.")
             )
         dataset = self.splits[split]
