@@ -13,6 +13,7 @@ import torch
 
 from vit.attention_maps import attention_rollout, capture_attention
 from vit.compare import load_image_side, load_text_side, main, run, tokenization, train_tokenizers
+from vit.errors import ConfigError
 from vit.matched import Budget, run_matched
 from vit.measure import (
     EvalSet,
@@ -194,6 +195,7 @@ def test_report_end_to_end(
     ):
         assert (out / name).stat().st_size > 0, name
     page = (out / "report.html").read_text()
+    assert "text (subword tokens)" in (out / "report.md").read_text()  # WordPiece's unit
     assert re.findall(r"src='([^']{0,22})", page) and all(
         s.startswith("data:image/png;base64") for s in re.findall(r"src='([^']{0,22})", page)
     )
@@ -262,12 +264,16 @@ def test_tokens_command_prints_patches_and_every_tokenizer(capsys: pytest.Captur
 
 
 @pytest.mark.parametrize(
-    "case", ["missing texts", "not an image", "missing checkpoint", "no images"]
+    "case", ["missing texts", "not an image", "missing checkpoint", "no images", "other modality",
+             "out is a file", "not matched results", "tokens not square", "patch too large",
+             "empty text"]
 )
 def test_a_users_mistake_is_one_line_naming_the_option_or_file(
-    case: str, tmp_path: Path, capsys: pytest.CaptureFixture
+    case: str, tmp_path: Path, text_checkpoint: Path, capsys: pytest.CaptureFixture
 ) -> None:
     (tmp_path / "notes.jpg").write_text("not a picture")
+    (tmp_path / "results.json").write_text('{"rows": []}')
+    image = str(SAMPLE / "test" / "cat" / "0000.jpg")
     args, message = {
         "missing texts": (["tokens", "--text", "hi", "--text-train", str(tmp_path / "none.tsv")],
                           "none.tsv: no such file."),
@@ -277,11 +283,45 @@ def test_a_users_mistake_is_one_line_naming_the_option_or_file(
                                "none.ckpt: no such file"),
         "no images": (["report", "--image-root", str(tmp_path)],
                       f"no image data at --image-root {tmp_path} (found no train/ folder)"),
+        "other modality": (["report", "--image-checkpoint", str(text_checkpoint),
+                            "--tokenizer-texts", "50"],
+                           "holds a text model; pass it as --text-checkpoint"),
+        "out is a file": (["report", "--out", str(tmp_path / "notes.jpg")],
+                          f"--out {tmp_path / 'notes.jpg'}: cannot make the folder"),
+        "not matched results": (["report", "--matched-results", str(tmp_path / "results.json")],
+                                "is not a matched.json (it lacks budget, text_train_limit"),
+        "tokens not square": (["matched", "--tokens", "50"], "--tokens 50 is not a square number"),
+        "patch too large": (["tokens", "--image", image, "--patch-size", "64"],
+                            "--patch-size 64 does not tile --image-size 32 images: choose one of "
+                            "1, 2, 4, 8, 16, 32."),
+        "empty text": (["tokens", "--text", " "], "--text is empty"),
     }[case]
-    assert run([*args, "--out", str(tmp_path / "out")] if args[0] == "report" else args) == 2
+    if args[0] in ("report", "matched") and "--out" not in args:
+        args = [*args, "--out", str(tmp_path / "out")]
+    started = time.perf_counter()
+    assert run(args) == 2
+    assert time.perf_counter() - started < 10  # refused before the work, not after it
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err, err
     assert "--data." not in err
+
+
+def test_an_unknown_variant_is_refused_with_the_choices(capsys: pytest.CaptureFixture) -> None:
+    for command in ("report", "matched"):
+        with pytest.raises(SystemExit) as refused:
+            run([command, "--variant", "huge"])
+        assert refused.value.code == 2
+        err = capsys.readouterr().err
+        assert "--variant: invalid choice: 'huge'" in err and "lite7" in err
+
+
+def test_text_files_without_the_sst2_columns_are_named_in_the_message(tmp_path: Path) -> None:
+    table = tmp_path / "texts.tsv"
+    table.write_text("text\tlabel\ngood film\t1\n")
+    with pytest.raises(ConfigError, match="no column 'sentence'.*Name its text column 'sentence'"):
+        TextTable(table, "sentence", "label", column_options=None)
+    with pytest.raises(ConfigError, match="Name the columns with --data.text_column and "):
+        TextTable(table, "sentence", "label")
 
 
 def test_matched_models_saved_as_bundles_reproduce_their_accuracy(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import sys
@@ -34,7 +35,7 @@ from vit.checkpoint import CheckpointError, load_saved_model
 from vit.data import (
     CIFAR10_MEAN, CIFAR10_STD, DataNotFoundError, ImageSource, default_cache_dir, load_split,
 )
-from vit.errors import ConfigError, positive_float, positive_int
+from vit.errors import ConfigError, divisors_text, positive_float, positive_int
 from vit.imageio import ImageDecodeError, load_image
 from vit.matched import Budget, encode_texts, run_matched
 from vit.measure import (
@@ -46,7 +47,7 @@ from vit.measure import (
     throughput,
     tokens_per_sample,
 )
-from vit.model import ImageClassifier, TextClassifier, build_model
+from vit.model import VARIANTS, ImageClassifier, TextClassifier, build_model
 from vit.report import Report, Table, Tokens
 from vit.text_data import TextTable, label_classes
 from vit.tokenizer import KINDS, SPECIAL_TOKENS, UNK, TextTokenizer
@@ -54,6 +55,8 @@ from vit.tokenizer import KINDS, SPECIAL_TOKENS, UNK, TextTokenizer
 DEFAULT_SENTENCE = "A gripping, beautifully acted film -- though its ending feels unearned."
 VOCAB_SIZES = {"word": 8000, "char": 300, "bpe": 8000, "wordpiece": 8000}
 TEXT_MAX_LENGTH = 64
+TOKEN_UNITS = {"word": "word", "char": "character", "bpe": "subword", "wordpiece": "subword"}
+"""What one text token is, by tokenizer kind, for the report's labels."""
 
 
 @dataclass
@@ -74,8 +77,9 @@ def load_image_side(checkpoint: str | None, root: Path, variant: str, seed: int)
     if checkpoint:
         saved = load_saved_model(checkpoint)
         if saved.spec["modality"] != "image":
-            raise ValueError(
-                f"--image-checkpoint {checkpoint} holds a {saved.spec['modality']} model."
+            raise ConfigError(
+                f"--image-checkpoint {checkpoint} holds a {saved.spec['modality']} model; pass "
+                f"it as --text-checkpoint, and an image model's as --image-checkpoint."
             )
         model, spec, source = saved.model, saved.spec, checkpoint
     else:
@@ -90,7 +94,7 @@ def load_image_side(checkpoint: str | None, root: Path, variant: str, seed: int)
         model = build_model(spec, variant=variant)
         source = f"freshly initialised ({variant}, seed {seed}, patch 4)"
     if image_source.class_names != list(spec["class_names"]):
-        raise ValueError(
+        raise ConfigError(
             f"the image model's classes {spec['class_names']} differ from the class folders of "
             f"{root} {image_source.class_names}: pass --image-root with the data it was trained on."
         )
@@ -119,8 +123,9 @@ def load_text_side(
     if checkpoint:
         saved = load_saved_model(checkpoint)
         if saved.spec["modality"] != "text":
-            raise ValueError(
-                f"--text-checkpoint {checkpoint} holds a {saved.spec['modality']} model."
+            raise ConfigError(
+                f"--text-checkpoint {checkpoint} holds an {saved.spec['modality']} model; pass "
+                f"it as --image-checkpoint, and a text model's as --text-checkpoint."
             )
         model, tokenizer, class_names, source = (
             saved.model,
@@ -141,7 +146,7 @@ def load_text_side(
         torch.manual_seed(seed)
         model = build_model(spec, variant=variant)
         source = f"freshly initialised ({variant}, seed {seed}, WordPiece)"
-    table = TextTable(test_file, "sentence", "label")
+    table = TextTable(test_file, "sentence", "label", column_options=None)
     data = encode_texts(table, tokenizer, list(class_names), limit=limit)
     return Side(model.eval(), source, data, list(class_names), tokenizer=tokenizer)
 
@@ -271,9 +276,10 @@ def _machine() -> str:
 def build_report(args: argparse.Namespace, command: str) -> dict[str, Any]:
     """Measure everything, draw the figures and write report.html, report.md and summary.json."""
     started = time.perf_counter()
-    out = Path(args.out)
+    out = output_folder(Path(args.out))
+    matched = read_matched_results(Path(args.matched_results)) if args.matched_results else None
     report = Report("Patch tokens and text tokens through one encoder", out)
-    train_table = TextTable(Path(args.text_train), "sentence", "label")
+    train_table = TextTable(Path(args.text_train), "sentence", "label", column_options=None)
     tokenizers = train_tokenizers(train_table.texts[: args.tokenizer_texts])
     image = load_image_side(args.image_checkpoint, Path(args.image_root), args.variant, args.seed)
     text = load_text_side(
@@ -368,16 +374,17 @@ def build_report(args: argparse.Namespace, command: str) -> dict[str, Any]:
     }
     summary["side_by_side"] = costs
     ci, ct = costs["image"], costs["text"]
+    unit = TOKEN_UNITS[text.tokenizer.kind]
     report.figure(
         section,
         figures.token_counts(ci["tokens_max"], np.array(ct["tokens"])),
         "token_counts.png",
-        "Tokens per test sample: fixed for images, one per word piece for text.",
+        f"Tokens per test sample: fixed for images, one per {unit} for text.",
     )
     param = lambda c, k: f"{c['parameters'][k]:,}"
     section.blocks.append(
         Table(
-            ["", "image (patch tokens)", "text (subword tokens)"],
+            ["", "image (patch tokens)", f"text ({unit} tokens)"],
             [
                 [
                     "tokens per sample, mean ± sd (min-max), CLS included",
@@ -547,9 +554,7 @@ def build_report(args: argparse.Namespace, command: str) -> dict[str, Any]:
 
     # 6. Matched budget
     section = report.section("6. Matched-budget experiment")
-    if args.matched_results:
-        matched = json.loads(Path(args.matched_results).read_text())
-    else:
+    if matched is None:
         matched = run_matched(
             Path(args.image_root_train or args.image_root),
             Path(args.text_train).parent,
@@ -630,7 +635,7 @@ def matched_blocks(matched: dict[str, Any], note: str = "") -> list[str | Table]
 
 def print_tokens(args: argparse.Namespace) -> None:
     """The terminal view: how one image and one sentence become tokens."""
-    if args.image:
+    if args.image is not None:
         array = load_image(args.image, args.image_size)
         view = image_tokenization(args.image_size, args.patch_size)
         print(
@@ -642,8 +647,8 @@ def print_tokens(args: argparse.Namespace) -> None:
             print(
                 "  " + " ".join(f"{row * view['grid'] + col + 1:4d}" for col in range(view["grid"]))
             )
-    if args.text:
-        table = TextTable(Path(args.text_train), "sentence", "label")
+    if args.text is not None:
+        table = TextTable(Path(args.text_train), "sentence", "label", column_options=None)
         for kind, tokenizer in train_tokenizers(table.texts[: args.tokenizer_texts]).items():
             v = tokenization(tokenizer, args.text)
             shown = " ".join(f">>{t}<<" if u else t for t, u in zip(v["tokens"], v["unknown"]))
@@ -685,7 +690,8 @@ def parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--sentence", default=DEFAULT_SENTENCE, help="the sentence shown tokenised")
     report.add_argument(
-        "--variant", default="nano", help="encoder size of freshly initialised models"
+        "--variant", default="nano", choices=list(VARIANTS),
+        help="encoder size of freshly initialised models",
     )
     report.add_argument(
         "--examples", type=positive_int, default=3, help="images and texts in the attention section"
@@ -747,9 +753,38 @@ def parser() -> argparse.ArgumentParser:
                "lr": positive_float}
     for field, default in asdict(Budget()).items():
         matched.add_argument(
-            f"--{field.replace('_', '-')}", type=checked.get(field, type(default)), default=default
+            f"--{field.replace('_', '-')}", type=checked.get(field, type(default)), default=default,
+            choices=list(VARIANTS) if field == "variant" else None,
         )
     return top
+
+
+def output_folder(path: Path) -> Path:
+    """``path`` made (with its parents) and checked writable, before any work is spent."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"--out {path}: cannot make the folder ({err}); pass a folder path "
+                          f"that can be written.") from None
+    if not os.access(path, os.W_OK):
+        raise ConfigError(f"--out {path}: the folder cannot be written; pass another.")
+    return path
+
+
+def read_matched_results(path: Path) -> dict[str, Any]:
+    """A ``matched.json`` written by ``python -m vit.compare matched``, checked."""
+    try:
+        matched = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"--matched-results {path}: cannot read it ({err}).") from None
+    needed = ("budget", "rows", "text_train_limit", "image_root", "text_root", "tokenizer")
+    missing = [key for key in needed if not isinstance(matched, dict) or key not in matched]
+    if missing:
+        raise ConfigError(
+            f"--matched-results {path} is not a matched.json (it lacks {', '.join(missing)}); "
+            f"pass the one `python -m vit.compare matched` writes."
+        )
+    return matched
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -774,21 +809,27 @@ def main(argv: list[str] | None = None) -> None:
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     if args.command == "tokens":
-        if not (args.image or args.text):
+        if args.image is None and args.text is None:
             raise SystemExit('tokens: pass --image FILE, --text "..." or both.')
+        if args.text is not None and not args.text.strip():
+            raise ConfigError('--text is empty: pass a sentence, e.g. --text "a gripping film".')
+        if args.image_size % args.patch_size:
+            raise ConfigError(
+                f"--patch-size {args.patch_size} does not tile --image-size {args.image_size} "
+                f"images: choose one of {divisors_text(args.image_size)}."
+            )
         print_tokens(args)
     elif args.command == "matched":
+        out = output_folder(Path(args.out))
         budget = Budget(**{f: getattr(args, f) for f in asdict(Budget())})
         result = run_matched(
             Path(args.image_root),
             Path(args.text_root),
             budget,
             text_train_limit=args.text_train_limit or None,
-            save_dir=Path(args.out) / "models" if args.save_models else None,
+            save_dir=out / "models" if args.save_models else None,
         )
         result["command"], result["machine"] = command, _machine()
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
         (out / "matched.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
         blocks = matched_blocks(result)
         print(blocks[0])

@@ -21,6 +21,7 @@ import torch
 from vit.augment import normalize
 from vit.checkpoint import SavedModel, save_bundle
 from vit.data import CIFAR10_MEAN, CIFAR10_STD, ImageSource, default_cache_dir, load_split
+from vit.errors import ConfigError
 from vit.measure import EvalSet, parameter_counts, positional_probes, tokens_per_sample
 from vit.model import TokenClassifier, build_model
 from vit.optimizers import takes_weight_decay
@@ -70,7 +71,7 @@ def encode_texts(
     keys = [label_key(label) for label in table.labels[:limit]]
     missing = sorted(set(keys) - set(index))
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"{table.path} has labels {missing[:10]} that the model's classes "
             f"{class_names} do not cover."
         )
@@ -162,14 +163,14 @@ def run_matched(
     """
     grid = math.isqrt(budget.tokens)
     if grid * grid != budget.tokens:
-        raise ValueError(
-            f"tokens={budget.tokens} is not a square number: images need a g x g patch grid "
+        raise ConfigError(
+            f"--tokens {budget.tokens} is not a square number: images need a g x g patch grid "
             f"(for example 16, 64 or 256)."
         )
     image_size = 32
     if image_size % grid:
-        raise ValueError(
-            f"tokens={budget.tokens} gives a {grid}x{grid} grid that does not tile "
+        raise ConfigError(
+            f"--tokens {budget.tokens} gives a {grid}x{grid} grid that does not tile "
             f"{image_size}x{image_size} images: use 4, 16, 64, 256 or 1024 tokens."
         )
     train_images, train_labels, classes = image_split(image_root, "train", image_size, image_option)
@@ -184,7 +185,7 @@ def run_matched(
     torch.manual_seed(budget.seed)
     image_model = build_model(image_spec, variant=budget.variant, patch_size=image_size // grid)
 
-    table = TextTable(text_root / "train.tsv", "sentence", "label")
+    table = TextTable(text_root / "train.tsv", "sentence", "label", column_options=None)
     text_classes, _ = label_classes(table.labels)
     length = 1 + budget.tokens  # [CLS] + tokens, [SEP] among them
     tokenizer = TextTokenizer.train(
@@ -201,7 +202,7 @@ def run_matched(
     text_model = build_model(text_spec, variant=budget.variant)
     text_train = encode_texts(table, tokenizer, text_classes, length=length, limit=text_train_limit)
     text_test = encode_texts(
-        TextTable(text_root / "test.tsv", "sentence", "label"),
+        TextTable(text_root / "test.tsv", "sentence", "label", column_options=None),
         tokenizer,
         text_classes,
         length=length,

@@ -36,9 +36,17 @@ class TextTable:
             quoting) file with a header row.
         text_column: Header name of the text column.
         label_column: Header name of the label column.
+        column_options: The options that name the two columns, for the message when one is
+            missing; ``None`` where they cannot be chosen (the message asks to rename them).
     """
 
-    def __init__(self, path: Path, text_column: str, label_column: str) -> None:
+    def __init__(
+        self,
+        path: Path,
+        text_column: str,
+        label_column: str,
+        column_options: tuple[str, str] | None = ("--data.text_column", "--data.label_column"),
+    ) -> None:
         self.path = path
         if not path.is_file():
             raise DataNotFoundError(f"{path}: no such file.")
@@ -62,9 +70,12 @@ class TextTable:
             raise ConfigError(f"{path} is empty: it needs a header row and one row per text.")
         missing = [c for c in (text_column, label_column) if c not in header]
         if missing:
+            remedy = (f"Name the columns with {column_options[0]} and {column_options[1]}."
+                      if column_options else
+                      f"Name its text column {text_column!r} and its label column {label_column!r}.")
             raise ConfigError(
                 f"{path} has no column {' or '.join(map(repr, missing))}; its header is {header}. "
-                f"Name the columns with --data.text_column and --data.label_column."
+                f"{remedy}"
             )
         text_at, label_at = header.index(text_column), header.index(label_column)
         self.texts: list[str] = []
@@ -361,7 +372,8 @@ class TextDataModule(L.LightningDataModule):
             if split not in self.tables:
                 raise DataNotFoundError(
                     "no validation texts: add dev.tsv beside train.tsv, pass --data.dev_file, "
-                    "or raise --data.val_fraction above 0." if split == "val" else
+                    "raise --data.val_fraction above 0, or pass --trainer.limit_val_batches 0 to "
+                    "train without validation." if split == "val" else
                     f"no test texts: add test.tsv (or .csv) to {self.root}, pass --data.test_file, "
                     f"or pass --test_after_fit false."
                 )
