@@ -234,6 +234,23 @@ def test_unreadable_training_file_is_skipped_with_a_warning(tmp_path: Path, caps
     assert "broken.jpg" in capsys.readouterr().out
 
 
+def test_a_split_read_from_the_cache_still_says_files_were_skipped(tmp_path: Path, capsys) -> None:
+    make_folder(tmp_path, {"a": 2, "b": 2})
+    (tmp_path / "train" / "a" / "broken.jpg").write_bytes(b"not a jpeg")
+    cache = tmp_path / "cache"
+    load_split(ImageSource(tmp_path), "train", 8, cache)
+    capsys.readouterr()
+    images, _ = load_split(ImageSource(tmp_path), "train", 8, cache)
+    (cache_file,) = cache.iterdir()
+    assert len(images) == 4
+    assert (f"1 unreadable file(s) in {tmp_path / 'train'} are left out; delete {cache_file}"
+            in capsys.readouterr().out)
+    (tmp_path / "train" / "a" / "broken.jpg").unlink()  # a new fingerprint: decoded afresh
+    load_split(ImageSource(tmp_path), "train", 8, cache)
+    load_split(ImageSource(tmp_path), "train", 8, cache)
+    assert "unreadable" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("chunk", [2, 10_000])  # decoding processes, or decoding in-process
 def test_images_decode_alike_in_processes_and_in_process(tmp_path: Path, capsys, monkeypatch,
                                                          chunk: int) -> None:

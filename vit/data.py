@@ -90,6 +90,7 @@ class ImageSource:
     def __init__(self, root: Path, option: str = "--data.root") -> None:
         """``option`` is the command-line option that named ``root``, for error messages."""
         self.root, self.option = root, option
+        self._files: dict[str, list[tuple[Path, int]]] = {}
         if (root / CIFAR10_BATCHES).is_dir():
             self.kind, self.batches_dir = "cifar10", root / CIFAR10_BATCHES
         elif root.name == CIFAR10_BATCHES and root.is_dir():
@@ -137,12 +138,21 @@ class ImageSource:
 
     def files(self, split: str) -> list[tuple[Path, int]]:
         """(path, label) for every image file of an image-folder split, in a fixed order."""
-        return [
-            (path, label)
-            for label, name in enumerate(self.class_names)
-            for path in sorted((self.root / split / name).rglob("*"))
-            if is_image_file(path)
-        ]
+        if split not in self._files:
+            self._files[split] = [
+                (path, label)
+                for label, name in enumerate(self.class_names)
+                for path in sorted((self.root / split / name).rglob("*"))
+                if is_image_file(path)
+            ]
+        return self._files[split]
+
+    def warn_if_files_were_skipped(self, split: str, decoded: int, cache_file: Path) -> None:
+        """Repeat, for a split read from the cache, that some of its files could not be read."""
+        skipped = len(self.files(split)) - decoded if self.kind == "folder" else 0
+        if skipped > 0:
+            print(f"warning: {skipped} unreadable file(s) in {self.root / split} are left out; "
+                  f"delete {cache_file} to decode the split again and see which.")
 
     def fingerprint(self, split: str, image_size: int) -> str:
         """A key that changes when any file of the split or the decoding changes."""
@@ -233,9 +243,12 @@ def load_split(
     if path.exists():
         try:
             tensors = load_file(path)
-            return tensors["images"], tensors["labels"]
+            images, labels = tensors["images"], tensors["labels"]
         except Exception:  # a damaged cache file is decoded again, never trusted
             path.unlink(missing_ok=True)
+        else:
+            source.warn_if_files_were_skipped(split, len(labels), path)
+            return images, labels
     images, labels = source.decode(split, image_size)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     try:
