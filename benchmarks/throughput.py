@@ -33,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vit import cpu_linear
 from vit.allocator import keep_freed_memory
+from vit.lit import COMPILE_MODES
 from vit.model import ImageClassifier, encoder_config
 
 
@@ -163,10 +164,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="torch.compile our model")
     parser.add_argument("--compile-timm", action="store_true", help="torch.compile timm's model")
-    parser.add_argument("--compile-mode", default="default",
-                        choices=["default", "reduce-overhead", "max-autotune",
-                                 "max-autotune-no-cudagraphs"],
-                        help="torch.compile's mode for the compiled models (reduce-overhead: CUDA graphs)")
+    parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                        help="torch.compile's mode for the compiled models (reduce-overhead: "
+                             "CUDA graphs)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="bf16: both models under bf16 autocast (slow on CPUs without bf16 units)")

@@ -8,7 +8,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
@@ -91,6 +91,11 @@ _TRAINING_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
 """Each ``--model`` training option's test and the range it states."""
 
 
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
+"""``torch.compile``'s modes, which ``--model.compile`` also takes."""
+
+
 def check_training_options(**options: float) -> None:
     """Raise a ``ConfigError`` naming the ``--model`` option whose value is out of its range."""
     for name, value in options.items():
@@ -131,11 +136,11 @@ class Classifier(L.LightningModule):
         position_init: ``"trunc_normal"`` (std 0.02) or ``"sincos"``: the patch positions start
             as 2-D sine-cosine embeddings (still learned); image data only.
         compile: Compile the network with ``torch.compile`` before fitting (the first steps
-            of each input shape are slow while it compiles; state-dict keys stay unchanged).
-        compile_mode: ``torch.compile``'s mode, with ``compile``: ``"reduce-overhead"``
-            replays each step as a CUDA graph on a GPU (one launch in place of hundreds, for
-            steps bound by kernel launches), ``"max-autotune"`` also times alternative kernels
-            while compiling.
+            of each input shape are slow while it compiles; state-dict keys stay unchanged):
+            ``true`` in torch's default mode, or the name of a mode (``COMPILE_MODES``):
+            ``"reduce-overhead"`` replays each step as a CUDA graph on a GPU (one launch in
+            place of hundreds, for steps bound by kernel launches), ``"max-autotune"`` also
+            times alternative kernels while compiling.
         init_from: A weights file (timm ViT ``.safetensors``/``.pth`` or a checkpoint of
             this project) to start fitting from; positions are resampled to this image size
             and a head of another class count is re-initialised.
@@ -164,10 +169,7 @@ class Classifier(L.LightningModule):
         flip_average: bool = False,
         attention_init: Literal["timm", "mimetic"] = "timm",
         position_init: Literal["trunc_normal", "sincos"] = "trunc_normal",
-        compile: bool = False,
-        compile_mode: Literal[
-            "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
-        ] = "default",
+        compile: bool | CompileMode = False,
         init_from: str | None = None,
         data_spec: dict[str, Any] | None = None,
     ) -> None:
@@ -201,12 +203,8 @@ class Classifier(L.LightningModule):
                 block.attn.mimetic_init_()
         if position_init == "sincos":
             self.net.sincos_positions_()
-        if compile_mode != "default" and not compile:
-            raise ConfigError(
-                f"--model.compile_mode {compile_mode} takes effect only with --model.compile true."
-            )
         if compile:  # in place: no ``_orig_mod.`` prefix in the saved keys
-            self.net.compile(mode=compile_mode)
+            self.net.compile(mode="default" if compile is True else compile)
         # Without torchmetrics' input checks, which read a GPU's result (``torch.unique`` of the
         # predictions and of the targets) and so made the host wait twice a step; the loss has
         # already checked the labels.
