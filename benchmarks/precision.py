@@ -1,4 +1,4 @@
-"""A training step in float32 against the same step under bfloat16 autocast, on the CPU.
+"""A training step in float32 against the same step in bfloat16 (autocast, or products), on the CPU.
 
     python -m benchmarks.precision --config configs/cifar10_cpu.yaml --batch-size 32
 
@@ -66,15 +66,22 @@ MODES = ("fp32", "bf16 products", "bf16")
 
 
 @contextlib.contextmanager
-def precision(mode: str) -> Iterator[None]:
-    """Run the body in one of :data:`MODES`, restoring the float32 matmul precision after."""
+def float32_products(mode: str) -> Iterator[None]:
+    """float32 products in bfloat16 inside the body for ``"bf16 products"``, in float32 for the
+    other :data:`MODES`; the setting before is restored after."""
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("medium" if mode == "bf16 products" else "highest")
     try:
-        with torch.autocast("cpu", dtype=torch.bfloat16) if mode == "bf16" else contextlib.nullcontext():
-            yield
+        yield
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def autocast(mode: str) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast for ``"bf16"`` (the forward only, as Lightning's ``bf16-mixed``)."""
+    if mode == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def main() -> None:
@@ -97,15 +104,16 @@ def main() -> None:
     def train_step(mode: str) -> Callable[[], None]:
         def step() -> None:
             optimizer.zero_grad(set_to_none=True)
-            with precision(mode):
-                loss = F.cross_entropy(model(images), labels)
+            with float32_products(mode):
+                with autocast(mode):
+                    loss = F.cross_entropy(model(images), labels)
                 loss.backward()
             optimizer.step()
         return step
 
     def forward(mode: str) -> Callable[[], None]:
         def run() -> None:
-            with torch.inference_mode(), precision(mode):
+            with torch.inference_mode(), float32_products(mode), autocast(mode):
                 model(images)
         return run
 
@@ -117,7 +125,7 @@ def main() -> None:
         q, k, v = (torch.randn(args.batch_size, heads, tokens, head_dim, dtype=dtype,
                                requires_grad=True) for _ in range(3))
         def run() -> None:
-            with precision("bf16 products" if mode == "bf16 products" else "fp32"):
+            with float32_products(mode):
                 F.scaled_dot_product_attention(q, k, v).sum().backward()
         return run
 
