@@ -31,7 +31,7 @@ from vit import figures
 from vit.allocator import keep_freed_memory
 from vit.attention_maps import attention_rollout, capture_attention
 from vit.augment import normalize
-from vit.checkpoint import CheckpointError, load_saved_model
+from vit.checkpoint import CheckpointError, SavedModel, load_saved_model
 from vit.data import (
     CIFAR10_MEAN, CIFAR10_STD, DataNotFoundError, ImageSource, default_cache_dir, load_split,
 )
@@ -71,16 +71,28 @@ class Side:
     tokenizer: TextTokenizer | None = None
 
 
-def load_image_side(checkpoint: str | None, root: Path, variant: str, seed: int) -> Side:
-    """The image model (loaded, or fresh with ``variant``) and the test split of ``root``."""
+def load_model_of(modality: str, checkpoint: str) -> SavedModel:
+    """The model saved at ``checkpoint`` (named by ``--{modality}-checkpoint``), which must be
+    one of ``modality``."""
+    saved = load_saved_model(checkpoint)
+    if saved.spec["modality"] != modality:
+        other = saved.spec["modality"]
+        raise ConfigError(
+            f"--{modality}-checkpoint {checkpoint} holds {'an' if other == 'image' else 'a'} "
+            f"{other} model; pass it as --{other}-checkpoint, and "
+            f"{'an' if modality == 'image' else 'a'} {modality} model's as --{modality}-checkpoint."
+        )
+    return saved
+
+
+def load_image_side(
+    checkpoint: str | None, root: Path, variant: str, seed: int, saved: SavedModel | None = None
+) -> Side:
+    """The image model (``saved``, loaded from ``checkpoint``, or fresh with ``variant``) and the
+    test split of ``root``."""
     image_source = ImageSource(root, "--image-root")
     if checkpoint:
-        saved = load_saved_model(checkpoint)
-        if saved.spec["modality"] != "image":
-            raise ConfigError(
-                f"--image-checkpoint {checkpoint} holds a {saved.spec['modality']} model; pass "
-                f"it as --text-checkpoint, and an image model's as --image-checkpoint."
-            )
+        saved = saved or load_model_of("image", checkpoint)
         model, spec, source = saved.model, saved.spec, checkpoint
     else:
         spec = {
@@ -118,15 +130,12 @@ def load_text_side(
     variant: str,
     seed: int,
     limit: int | None,
+    saved: SavedModel | None = None,
 ) -> Side:
-    """The text model (loaded, or fresh with the WordPiece tokenizer) and ``limit`` test texts."""
+    """The text model (``saved``, loaded from ``checkpoint``, or fresh with the WordPiece
+    tokenizer) and ``limit`` test texts."""
     if checkpoint:
-        saved = load_saved_model(checkpoint)
-        if saved.spec["modality"] != "text":
-            raise ConfigError(
-                f"--text-checkpoint {checkpoint} holds an {saved.spec['modality']} model; pass "
-                f"it as --image-checkpoint, and a text model's as --text-checkpoint."
-            )
+        saved = saved or load_model_of("text", checkpoint)
         model, tokenizer, class_names, source = (
             saved.model,
             saved.tokenizer,
@@ -276,12 +285,19 @@ def _machine() -> str:
 def build_report(args: argparse.Namespace, command: str) -> dict[str, Any]:
     """Measure everything, draw the figures and write report.html, report.md and summary.json."""
     started = time.perf_counter()
-    out = output_folder(Path(args.out))
     matched = read_matched_results(Path(args.matched_results)) if args.matched_results else None
+    checkpoints = {"image": args.image_checkpoint, "text": args.text_checkpoint}
+    saved = {  # both checked before the work
+        modality: load_model_of(modality, checkpoint)
+        for modality, checkpoint in checkpoints.items() if checkpoint
+    }
+    out = output_folder(Path(args.out))
     report = Report("Patch tokens and text tokens through one encoder", out)
     train_table = TextTable(Path(args.text_train), "sentence", "label", column_options=None)
+    image = load_image_side(
+        args.image_checkpoint, Path(args.image_root), args.variant, args.seed, saved.get("image")
+    )
     tokenizers = train_tokenizers(train_table.texts[: args.tokenizer_texts])
-    image = load_image_side(args.image_checkpoint, Path(args.image_root), args.variant, args.seed)
     text = load_text_side(
         args.text_checkpoint,
         Path(args.text_test),
@@ -290,6 +306,7 @@ def build_report(args: argparse.Namespace, command: str) -> dict[str, Any]:
         args.variant,
         args.seed,
         args.max_texts,
+        saved.get("text"),
     )
     summary: dict[str, Any] = {
         "command": command,
@@ -772,18 +789,20 @@ def output_folder(path: Path) -> Path:
 
 
 def read_matched_results(path: Path) -> dict[str, Any]:
-    """A ``matched.json`` written by ``python -m vit.compare matched``, checked."""
+    """A ``matched.json`` written by ``python -m vit.compare matched``, checked by laying out
+    its table once."""
     try:
         matched = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ConfigError(f"--matched-results {path}: cannot read it ({err}).") from None
-    needed = ("budget", "rows", "text_train_limit", "image_root", "text_root", "tokenizer")
-    missing = [key for key in needed if not isinstance(matched, dict) or key not in matched]
-    if missing:
+    try:
+        matched_blocks(matched)
+    except (KeyError, TypeError, ValueError) as err:
+        problem = f"it lacks {err}" if isinstance(err, KeyError) else str(err)
         raise ConfigError(
-            f"--matched-results {path} is not a matched.json (it lacks {', '.join(missing)}); "
-            f"pass the one `python -m vit.compare matched` writes."
-        )
+            f"--matched-results {path} is not a matched.json ({problem}); pass the one "
+            f"`python -m vit.compare matched` writes."
+        ) from None
     return matched
 
 
@@ -813,7 +832,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit('tokens: pass --image FILE, --text "..." or both.')
         if args.text is not None and not args.text.strip():
             raise ConfigError('--text is empty: pass a sentence, e.g. --text "a gripping film".')
-        if args.image_size % args.patch_size:
+        if args.image is not None and args.image_size % args.patch_size:
             raise ConfigError(
                 f"--patch-size {args.patch_size} does not tile --image-size {args.image_size} "
                 f"images: choose one of {divisors_text(args.image_size)}."

@@ -70,9 +70,11 @@ class TextTable:
             raise ConfigError(f"{path} is empty: it needs a header row and one row per text.")
         missing = [c for c in (text_column, label_column) if c not in header]
         if missing:
-            remedy = (f"Name the columns with {column_options[0]} and {column_options[1]}."
-                      if column_options else
-                      f"Name its text column {text_column!r} and its label column {label_column!r}.")
+            remedy = (
+                f"Name the columns with {column_options[0]} and {column_options[1]}."
+                if column_options else
+                f"Name its text column {text_column!r} and its label column {label_column!r}."
+            )
             raise ConfigError(
                 f"{path} has no column {' or '.join(map(repr, missing))}; its header is {header}. "
                 f"{remedy}"
