@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from vit.data import DataNotFoundError, ImageSource
+from vit.errors import ConfigError
 
 
 def image_root(text: str) -> Path:
@@ -13,6 +14,6 @@ def image_root(text: str) -> Path:
     root = Path(text).expanduser()
     try:
         ImageSource(root, "--root")
-    except DataNotFoundError as err:
+    except (DataNotFoundError, ConfigError) as err:  # no images; one class; classes differ
         raise argparse.ArgumentTypeError(str(err)) from None
     return root

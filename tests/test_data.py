@@ -134,19 +134,21 @@ def test_a_cache_write_that_safetensors_refuses_warns_and_trains_on(
 
 def test_cache_files_take_the_umask_not_safetensors_private_mode(tmp_path: Path) -> None:
     make_folder(tmp_path, {"a": 2, "b": 2})
-    mask = os.umask(0o022)
+    mask = os.umask(0o027)
     try:
         load_split(ImageSource(tmp_path), "train", 8, tmp_path / "cache")
     finally:
         os.umask(mask)
     (written,) = (tmp_path / "cache").iterdir()
-    assert written.stat().st_mode & 0o777 == 0o644
+    assert written.stat().st_mode & 0o777 == 0o640
 
 
 def test_an_empty_cache_variable_means_the_default_cache(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("VIT_CACHE_DIR", "")
     assert default_cache_dir() == tmp_path / "vit"
+    monkeypatch.setenv("XDG_CACHE_HOME", "")
+    assert default_cache_dir() == Path.home() / ".cache" / "vit"
     monkeypatch.setenv("VIT_CACHE_DIR", str(tmp_path / "mine"))
     assert default_cache_dir() == tmp_path / "mine"
 

@@ -69,7 +69,7 @@ def default_cache_dir() -> Path:
     """``$VIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/vit``, else ``~/.cache/vit``."""
     if os.environ.get("VIT_CACHE_DIR"):  # set and not empty
         return Path(os.environ["VIT_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vit"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vit"
 
 
 def _missing_data_message(
@@ -255,7 +255,8 @@ def load_split(
         cache_dir.mkdir(parents=True, exist_ok=True)
         save_file({"images": images, "labels": labels}, tmp,
                   metadata={"classes": json.dumps(source.class_names)})
-        os.chmod(tmp, 0o666 & ~current_umask())  # safetensors writes 0600: others could not read
+        with contextlib.suppress(OSError):  # safetensors writes 0600; some file systems refuse
+            os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)  # atomic: a reader never sees half a file
     except (OSError, SafetensorError) as err:
         print(f"warning: could not write the decoded-data cache in {cache_dir} ({err}); "
@@ -267,7 +268,12 @@ def load_split(
 
 
 def current_umask() -> int:
-    """The process's file-mode creation mask (read by setting it, then set back)."""
+    """The process's file-mode creation mask: from Linux's ``/proc/self/status``, elsewhere by
+    setting it and setting it back (which another thread creating a file meanwhile would see)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
