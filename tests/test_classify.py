@@ -81,6 +81,14 @@ def test_image_tensors_of_the_wrong_shape_or_type_are_refused(image_checkpoint: 
         predictor.classify(torch.zeros(3, 32, 32, dtype=torch.int32))
     with pytest.raises(ValueError, match="this model classifies images, not texts"):
         predictor.encode_text("a film")
+    image = torch.rand(3, 32, 32)
+    for wrong in (image * 255, image * 4 - 2):  # 0-255 values; a normalised image
+        with pytest.raises(ValueError, match=r"must hold values in \[0, 1\], this one holds"):
+            predictor.classify(wrong)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        predictor.classify(torch.full((3, 32, 32), float("nan")))
+    overshoot = (image * 1.1 - 0.05)  # as bicubic resampling rings past the range
+    assert predictor.classify(overshoot) == predictor.classify(overshoot.clamp(0, 1))
 
 
 def test_images_of_any_size_and_mode_are_classified(image_checkpoint: Path, tmp_path: Path, capsys) -> None:

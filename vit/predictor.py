@@ -23,6 +23,9 @@ from vit.checkpoint import SavedModel, load_saved_model
 from vit.imageio import load_image, resize_and_center_crop, to_rgb
 from vit.tokenizer import is_blank
 
+UNIT_RANGE_SLACK = 0.25
+"""How far past [0, 1] a float image may reach before it is refused rather than clipped."""
+
 ImageInput = Image.Image | torch.Tensor | str | Path
 
 
@@ -44,6 +47,21 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but this machine has no CUDA GPU: use cpu.")
     return resolved
+
+
+def check_unit_range(image: torch.Tensor) -> None:
+    """Refuse a float image that is not in [0, 1]: one in [0, 255] or already normalised would
+    otherwise be clipped into a nearly white or black picture. Resampling's overshoots (bicubic
+    rings past the range by a few percent) pass."""
+    if not torch.isfinite(image).all():
+        raise ValueError("the image tensor holds NaN or infinite values.")
+    low, high = float(image.min()), float(image.max())
+    if low < -UNIT_RANGE_SLACK or high > 1 + UNIT_RANGE_SLACK:
+        raise ValueError(
+            f"float image tensors must hold values in [0, 1], this one holds {low:.3g} to "
+            f"{high:.3g}: divide values in [0, 255] by 255, and pass images before "
+            f"normalisation (the model normalises them itself)."
+        )
 
 
 class Predictor:
@@ -82,7 +100,8 @@ class Predictor:
     def image_tensor(self, image: ImageInput) -> torch.Tensor:
         """One image (file path, PIL image or tensor) -> (3, S, S) uint8 at the model's size.
 
-        Tensors are (3, H, W) or (1, H, W), uint8 in [0, 255] or float in [0, 1].
+        Tensors are (3, H, W) or (1, H, W), uint8 in [0, 255] or float in [0, 1] (the small
+        overshoots of resampling are clipped).
 
         Raises:
             vit.imageio.ImageDecodeError: a file cannot be read as an image.
@@ -110,7 +129,9 @@ class Predictor:
                 f"pass a batch as a (B, 3, H, W) tensor or a list."
             )
         if image.is_floating_point():
-            image = (image.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+            image = image.detach().cpu().float()
+            check_unit_range(image)
+            image = (image.clamp(0, 1) * 255).round().to(torch.uint8)
         elif image.dtype != torch.uint8:
             raise ValueError(
                 f"image tensors must be uint8 in [0, 255] or float in [0, 1], got {image.dtype}."
