@@ -163,6 +163,24 @@ def test_resuming_keeps_the_optimiser_and_another_one_is_refused(tmp_path: Path,
         Classifier("nano", data_spec=dict(image_spec)).on_load_checkpoint(checkpoint)
 
 
+def test_predict_writes_one_row_per_test_item_in_the_splits_order(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    checkpoint = Path(fit(tmp_path).trainer.log_dir) / "checkpoints" / "last.ckpt"
+    cli = main(["predict", *TINY_FIT, "--trainer.default_root_dir", str(tmp_path / "predict"),
+                "--ckpt_path", str(checkpoint)])
+    path = Path(cli.trainer.log_dir) / "predictions.csv"
+    rows = list(csv.DictReader(path.open()))
+    names = cli.datamodule.class_names
+    labels = cli.datamodule.splits["test"].labels.tolist()
+    assert [int(r["index"]) for r in rows] == list(range(len(labels))) == list(range(200))
+    assert [r["label"] for r in rows] == [names[label] for label in labels]
+    assert all(r["predicted"] in names and 1 / len(names) <= float(r["probability"]) <= 1
+               for r in rows)
+    correct = sum(r["label"] == r["predicted"] for r in rows)
+    assert f"wrote 200 predictions to {path}; {correct} (" in capsys.readouterr().out
+
+
 def test_without_a_validation_split_the_message_offers_training_without_validation(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -35,6 +35,7 @@ from vit.fault_tolerance import (
 from vit.hardware import has_bf16_units
 from vit.imageio import ImageDecodeError
 from vit.lit import Classifier
+from vit.prediction_writer import PredictionWriter
 from vit.run_info import RunInfo
 
 # Errors that a user fixes in the command or the data: train.py shows them as one message.
@@ -124,6 +125,7 @@ class TrainCLI(LightningCLI):
                     RandomState(),
                     CheckpointOnSIGTERM(),
                     RunInfo(),
+                    PredictionWriter(),
                 ],
             },
             parser_kwargs=parser_kwargs,
