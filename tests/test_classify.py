@@ -169,6 +169,10 @@ def test_all_good_inputs_exit_zero_in_every_format(image_checkpoint: Path, tmp_p
     records = json.loads((tmp_path / "out.json").read_text())
     assert status == 0 and out == "" and len(records) == 3
     assert [len(r["predictions"]) for r in records] == [5, 5, 5]
+    status, _, err = run(capsys, image_checkpoint, pattern, "--output", tmp_path / "no" / "out.csv")
+    assert status == 2 and err == [f"error: --output {tmp_path / 'no' / 'out.csv'}: cannot write "
+                                   f"there (No such file or directory); pass a file in a folder "
+                                   f"that exists and can be written."]
 
 
 def test_many_inputs_show_progress_on_stderr_and_keep_stdout_clean(

@@ -250,6 +250,15 @@ def _gather(args: argparse.Namespace, predictor: Predictor) -> tuple[list[Item],
     return expand_paths(args.inputs)
 
 
+def open_output(path: str) -> IO[str]:
+    """``--output``'s file, opened for writing; a message that names the option if it cannot be."""
+    try:
+        return open(path, "w", encoding="utf-8", newline="")
+    except OSError as err:
+        raise OSError(f"--output {path}: cannot write there ({err.strerror}); pass a file in a "
+                      f"folder that exists and can be written.") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the script (``argv`` instead of ``sys.argv[1:]`` when given); returns the exit status."""
     parser = build_parser()
@@ -258,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         predictor = Predictor.load(args.checkpoint, device=args.device)
         items, failures = _gather(args, predictor)
-        out = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout
+        out = open_output(args.output) if args.output else sys.stdout
     except (CheckpointError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
