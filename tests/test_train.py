@@ -163,6 +163,18 @@ def test_resuming_keeps_the_optimiser_and_another_one_is_refused(tmp_path: Path,
         Classifier("nano", data_spec=dict(image_spec)).on_load_checkpoint(checkpoint)
 
 
+def test_a_config_file_that_is_not_yaml_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    bad = tmp_path / "recipe.yaml"
+    bad.write_text("trainer:\n  max_epochs: [1\n")
+    for args in (["--config", str(bad)], [f"--config={bad}"]):
+        assert run(["fit", *args]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --config {bad} is not valid YAML")
+        assert f'"{bad}", line 2' in err
+
+
 def test_predict_writes_one_row_per_test_item_in_the_splits_order(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -12,6 +12,7 @@ from typing import Any, Literal, NoReturn
 
 import lightning as L
 import torch
+import yaml
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.accelerators import CPUAccelerator
@@ -230,8 +231,24 @@ class TrainCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
 
 
+def check_config_files(args: list[str]) -> None:
+    """Raise a ``ConfigError`` naming the ``--config`` file that is not valid YAML (the parser's
+    own message names no file)."""
+    paths = [value for option, value in zip(args, args[1:]) if option == "--config"]
+    paths += [arg.removeprefix("--config=") for arg in args if arg.startswith("--config=")]
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as file:
+                yaml.safe_load(file)
+        except (OSError, UnicodeDecodeError):
+            continue  # the parser says that a file is missing or unreadable
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--config {path} is not valid YAML: {err}") from None
+
+
 def main(args: list[str] | None = None) -> TrainCLI:
     """Run the command line (``args`` instead of ``sys.argv`` when given)."""
+    check_config_files(list(sys.argv[1:] if args is None else args))
     # The data modules serve batches from tensors already in memory, where worker processes
     # only add copies (an epoch of CIFAR-10 batches: 7x slower with two workers than with none,
     # benchmarks/RESULTS.md): Lightning's advice to add DataLoader workers does not apply.
