@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import csv
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from vit.checkpoint import CheckpointError, load_weights_file
 from vit.cli import main, run
 from vit.errors import ConfigError
 from vit.lit import Classifier
+from vit.prediction_writer import PredictionWriter
 from vit.model import ImageClassifier, encoder_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -168,11 +170,17 @@ def test_a_config_file_that_is_not_yaml_is_named(
 ) -> None:
     bad = tmp_path / "recipe.yaml"
     bad.write_text("trainer:\n  max_epochs: [1\n")
-    for args in (["--config", str(bad)], [f"--config={bad}"]):
+    for args in (["--config", str(bad)], [f"--config={bad}"], ["-c", str(bad)]):
         assert run(["fit", *args]) == 1
-        err = capsys.readouterr().err
-        assert err.startswith(f"error: --config {bad} is not valid YAML")
-        assert f'"{bad}", line 2' in err
+        assert capsys.readouterr().err == (
+            f"error: --config {bad} is not valid YAML: line 3, column 1: expected ',' or ']', "
+            f"but got '<stream end>'.\n"
+        )
+    dated = tmp_path / "dated.yaml"  # PyYAML would build a date and fail; the parser reads text
+    dated.write_text("trainer:\n  default_root_dir: 2024-02-30\n")
+    with pytest.raises(SystemExit) as printed:
+        main(["fit", *TINY_FIT, "--config", str(dated), "--print_config"])
+    assert printed.value.code == 0 and "default_root_dir: '2024-02-30'" in capsys.readouterr().out
 
 
 def test_predict_writes_one_row_per_test_item_in_the_splits_order(
@@ -187,10 +195,31 @@ def test_predict_writes_one_row_per_test_item_in_the_splits_order(
     labels = cli.datamodule.splits["test"].labels.tolist()
     assert [int(r["index"]) for r in rows] == list(range(len(labels))) == list(range(200))
     assert [r["label"] for r in rows] == [names[label] for label in labels]
-    assert all(r["predicted"] in names and 1 / len(names) <= float(r["probability"]) <= 1
-               for r in rows)
     correct = sum(r["label"] == r["predicted"] for r in rows)
     assert f"wrote 200 predictions to {path}; {correct} (" in capsys.readouterr().out
+    batches = cli.trainer.predict(cli.model, datamodule=cli.datamodule)  # the same weights
+    probs = torch.cat([batch["probs"] for batch in batches])
+    assert [r["predicted"] for r in rows] == [names[i] for i in probs.argmax(dim=1).tolist()]
+    torch.testing.assert_close(torch.tensor([float(r["probability"]) for r in rows]),
+                               probs.max(dim=1).values, atol=1e-6, rtol=0)
+
+
+def test_prediction_files_follow_the_split_order_per_loader_and_process(tmp_path: Path) -> None:
+    def batch(labels: list[int], preds: list[int]) -> dict[str, torch.Tensor]:
+        probs = torch.nn.functional.one_hot(torch.tensor(preds), 3).float() * 0.5 + 1 / 6
+        return {"probs": probs, "preds": torch.tensor(preds), "labels": torch.tensor(labels)}
+
+    trainer = SimpleNamespace(log_dir=str(tmp_path), default_root_dir=str(tmp_path),
+                              world_size=2, global_rank=1)
+    module = SimpleNamespace(class_names=["a", "b", "c"])
+    loaders = [[batch([2, 0], [2, 1]), batch([1], [1])], [batch([0], [0])]]
+    indices = [[[7, 3], [5]], [[0]]]  # a distributed sampler's share, out of order
+    PredictionWriter().write_on_epoch_end(trainer, module, loaders, indices)
+    first = list(csv.reader((tmp_path / "predictions_loader0_rank1.csv").open()))
+    assert first == [["index", "label", "predicted", "probability"],
+                     ["3", "a", "b", "0.666667"], ["5", "b", "b", "0.666667"],
+                     ["7", "c", "c", "0.666667"]]
+    assert (tmp_path / "predictions_loader1_rank1.csv").is_file()
 
 
 def test_without_a_validation_split_the_message_offers_training_without_validation(

@@ -231,17 +231,31 @@ class TrainCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
 
 
+def config_paths(args: list[str]) -> list[str]:
+    """The files named by ``--config``/``-c`` in ``args``, in any of their spellings."""
+    paths = [value for option, value in zip(args, args[1:]) if option in ("--config", "-c")]
+    for arg in args:
+        for prefix in ("--config=", "-c="):
+            if arg.startswith(prefix):
+                paths.append(arg.removeprefix(prefix))
+    return paths
+
+
 def check_config_files(args: list[str]) -> None:
-    """Raise a ``ConfigError`` naming the ``--config`` file that is not valid YAML (the parser's
-    own message names no file)."""
-    paths = [value for option, value in zip(args, args[1:]) if option == "--config"]
-    paths += [arg.removeprefix("--config=") for arg in args if arg.startswith("--config=")]
-    for path in paths:
+    """Raise a ``ConfigError`` naming the ``--config`` file whose YAML does not parse, with the
+    line and column (the parser's own message names no file). Values are not built: only the
+    syntax is checked, as the parser reads the values its own way."""
+    for path in config_paths(args):
         try:
             with open(path, encoding="utf-8") as file:
-                yaml.safe_load(file)
+                for _ in yaml.parse(file):
+                    pass
         except (OSError, UnicodeDecodeError):
             continue  # the parser says that a file is missing or unreadable
+        except yaml.MarkedYAMLError as err:
+            mark = err.problem_mark or err.context_mark
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+            raise ConfigError(f"--config {path} is not valid YAML: {where}{err.problem}.") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"--config {path} is not valid YAML: {err}") from None
 
