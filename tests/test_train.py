@@ -16,6 +16,7 @@ from benchmarks import training_loop
 from conftest import table_rows
 from vit.checkpoint import CheckpointError, load_weights_file
 from vit.cli import main, run
+from vit.data import TEST_ORDER_SEED
 from vit.errors import ConfigError
 from vit.lit import Classifier
 from vit.prediction_writer import PredictionWriter
@@ -198,10 +199,18 @@ def test_predict_writes_one_row_per_test_item_in_the_splits_order(
     correct = sum(r["label"] == r["predicted"] for r in rows)
     assert f"wrote 200 predictions to {path}; {correct} (" in capsys.readouterr().out
     batches = cli.trainer.predict(cli.model, datamodule=cli.datamodule)  # the same weights
-    probs = torch.cat([batch["probs"] for batch in batches])
+    order = torch.randperm(200, generator=torch.Generator().manual_seed(TEST_ORDER_SEED))
+    probs = torch.empty(len(order), len(names))
+    probs[order] = torch.cat([batch["probs"] for batch in batches])  # back in the split's order
     assert [r["predicted"] for r in rows] == [names[i] for i in probs.argmax(dim=1).tolist()]
     torch.testing.assert_close(torch.tensor([float(r["probability"]) for r in rows]),
                                probs.max(dim=1).values, atol=1e-6, rtol=0)
+    limited = main(["predict", *TINY_FIT, "--trainer.default_root_dir", str(tmp_path / "limited"),
+                    "--ckpt_path", str(checkpoint), "--trainer.limit_predict_batches", "2"])
+    rows = list(csv.DictReader((Path(limited.trainer.log_dir) / "predictions.csv").open()))
+    indices = [int(r["index"]) for r in rows]
+    assert len(rows) == 128 and indices == sorted(indices)  # two batches of the quickstart's 64
+    assert len({r["label"] for r in rows}) == len(names)  # every class, not the first folder
 
 
 def test_prediction_files_follow_the_split_order_per_loader_and_process(tmp_path: Path) -> None:

@@ -690,13 +690,14 @@ class ImageDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
 
+    # An image folder lists its test images class by class; in a fixed shuffled order the first
+    # batches (``--trainer.limit_test_batches``, ``limit_predict_batches``) sample every class,
+    # not the first. ``vit.prediction_writer`` writes predictions back in the split's order.
     def test_dataloader(self) -> DataLoader:
-        # An image folder lists its test images class by class; in a fixed shuffled order the
-        # first batches (``--trainer.limit_test_batches``) sample every class, not the first.
         return self._loader("test", shuffle=False, mixed_order=True)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test", shuffle=False, mixed_order=True)
 
     def on_after_batch_transfer(
         self, batch: tuple[torch.Tensor, ...], dataloader_idx: int
