@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shlex
 import sys
@@ -34,6 +33,7 @@ from vit.augment import normalize
 from vit.checkpoint import CheckpointError, SavedModel, load_saved_model
 from vit.data import (
     CIFAR10_MEAN, CIFAR10_STD, DataNotFoundError, ImageSource, default_cache_dir, load_split,
+    writable_folder,
 )
 from vit.errors import ConfigError, divisors_text, positive_float, positive_int
 from vit.imageio import ImageDecodeError, load_image
@@ -778,13 +778,9 @@ def parser() -> argparse.ArgumentParser:
 
 def output_folder(path: Path) -> Path:
     """``path`` made (with its parents) and checked writable, before any work is spent."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"--out {path}: cannot make the folder ({err}); pass a folder path "
-                          f"that can be written.") from None
-    if not os.access(path, os.W_OK):
-        raise ConfigError(f"--out {path}: the folder cannot be written; pass another.")
+    if not writable_folder(path):
+        raise ConfigError(f"--out {path}: cannot make the folder or write in it; pass a folder "
+                          f"path that can be written.")
     return path
 
 
