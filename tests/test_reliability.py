@@ -22,7 +22,7 @@ import torch
 
 from benchmarks.kill_resume import kill_and_resume, val_accuracy, weight_difference
 from vit.cli import run
-from vit.fault_tolerance import AtomicCheckpointIO, find_last_checkpoint
+from vit.fault_tolerance import AtomicCheckpointIO, RandomState, find_last_checkpoint
 from vit.loss_watch import NonFiniteLossWatch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -261,3 +261,45 @@ def test_a_text_file_without_the_named_columns_is_one_clear_message(
     assert code == 1 and "Traceback" not in err, err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "has no column 'sentence' or 'label'" in lines[0], err
+
+
+@pytest.mark.parametrize("hook,message", [
+    ("on_train_batch_end", r"SIGTERM: saved \S+last\.ckpt at step 2;"),
+    ("on_validation_batch_end", r"SIGTERM: \S+last\.ckpt already holds step 3;"),
+])
+def test_sigterm_writes_last_ckpt_once(
+    hook: str, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """In the second of three training batches the SIGTERM callback writes last.ckpt; in the
+    last validation batch Lightning stops after the epoch end, whose last.ckpt at the same step
+    is kept instead of written again."""
+    saves = []
+    save = AtomicCheckpointIO.save_checkpoint
+
+    def recording(self, checkpoint, path, storage_options=None):
+        if Path(path).name == "last.ckpt":
+            saves.append(checkpoint["global_step"])
+        save(self, checkpoint, path, storage_options)
+
+    def sigterm_in_second_batch(self, trainer, pl_module, outputs, batch, batch_idx, *args):
+        if batch_idx == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", recording)
+    monkeypatch.setattr(RandomState, hook, sigterm_in_second_batch)
+    with pytest.raises(SystemExit) as stopped:
+        fit(tmp_path, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3",
+            "--trainer.limit_val_batches", "2", "--trainer.num_sanity_val_steps", "0",
+            "--test_after_fit", "false")
+    assert stopped.value.code is None  # exit status 0
+    step = 2 if hook == "on_train_batch_end" else 3
+    assert saves == [step]
+    assert re.search(message, caplog.text), caplog.text[-2000:]
+    last = tmp_path / "runs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == step
+    monkeypatch.undo()
+    assert fit(tmp_path, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3",
+               "--trainer.limit_val_batches", "2", "--test_after_fit", "false", "--ckpt_path", "last") == 0
+    resumed = torch.load(tmp_path / "runs" / "version_1" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (resumed["epoch"], resumed["global_step"]) == (1, 6)  # the second epoch, once

@@ -7,8 +7,8 @@
 - ``LastCheckpoint`` writes ``last.ckpt`` at every epoch end (one that ``--trainer.max_steps``
   cuts short included), however often validation runs, and after every validation.
 - ``CheckpointOnSIGTERM``: on SIGTERM (what cluster schedulers send before they kill) Lightning
-  stops after the current batch; this callback then writes ``last.ckpt``, and the process exits
-  with status 0.
+  stops after the current batch; this callback then writes ``last.ckpt`` (or keeps the one an
+  epoch end wrote at the same step), and the process exits with status 0.
 - ``RandomState`` carries the torch random generators (dropout, stochastic depth) through
   checkpoints; the image data module carries its own position (``vit.data``), so a resumed run
   draws the same batches, augmentations and dropout masks as an uninterrupted one. The text
@@ -93,7 +93,13 @@ class LastCheckpoint(ModelCheckpoint):
 
 
 class CheckpointOnSIGTERM(Callback):
-    """Write ``last.ckpt`` beside the other checkpoints when SIGTERM stops a fit."""
+    """Write ``last.ckpt`` beside the other checkpoints when SIGTERM stops a fit.
+
+    Where Lightning stops the fit only after an epoch end has written ``last.ckpt`` at this step
+    (a SIGTERM during the last batch of the epoch's validation, or while the epoch end saves),
+    that file is kept rather than written again: the same weights, and seconds of the grace
+    period before the scheduler's kill.
+    """
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
@@ -104,10 +110,28 @@ class CheckpointOnSIGTERM(Callback):
             return
         name = f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
         path = Path(checkpoint.dirpath) / name
+        if saved_at_this_step(trainer, path):
+            rank_zero_info(
+                f"SIGTERM: {path} already holds step {trainer.global_step}; "
+                "resume with --ckpt_path last."
+            )
+            return
         trainer.save_checkpoint(path)
         rank_zero_info(
             f"SIGTERM: saved {path} at step {trainer.global_step}; resume with --ckpt_path last."
         )
+
+
+def saved_at_this_step(trainer: L.Trainer, path: Path) -> bool:
+    """Whether one of the trainer's ``ModelCheckpoint`` callbacks last wrote ``path``, and did so
+    at the current global step (the same on every process, so all of them agree)."""
+    return any(
+        callback._last_global_step_saved == trainer.global_step
+        and callback._last_checkpoint_saved
+        and Path(callback._last_checkpoint_saved) == path
+        for callback in trainer.checkpoint_callbacks
+        if isinstance(callback, ModelCheckpoint)
+    )
 
 
 class RandomState(Callback):
