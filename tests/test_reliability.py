@@ -22,6 +22,7 @@ import torch
 
 from benchmarks.kill_resume import kill_and_resume, val_accuracy, weight_difference
 from vit.cli import run
+from vit.ema import EMA
 from vit.fault_tolerance import AtomicCheckpointIO, RandomState, find_last_checkpoint
 from vit.loss_watch import NonFiniteLossWatch
 
@@ -109,6 +110,8 @@ BAD_CONFIGS = {
     "trainer option": (["--trainer.num_nodes", "0"], "got 0. (check the --trainer options)"),
     "EMA decay": (["--trainer.callbacks+=vit.ema.EMA", "--trainer.callbacks.decay=1.5"],
                   "--trainer.callbacks.decay 1.5: the EMA decay must lie between 0 and 1"),
+    "EMA never updated": (["--trainer.callbacks+=vit.ema.EMA", "--trainer.callbacks.update_every_n_steps=0"],
+                          "--trainer.callbacks.update_every_n_steps 0: the average must be updated"),
 }
 
 
@@ -303,3 +306,29 @@ def test_sigterm_writes_last_ckpt_once(
                "--trainer.limit_val_batches", "2", "--test_after_fit", "false", "--ckpt_path", "last") == 0
     resumed = torch.load(tmp_path / "runs" / "version_1" / "checkpoints" / "last.ckpt", weights_only=True)
     assert (resumed["epoch"], resumed["global_step"]) == (1, 6)  # the second epoch, once
+
+
+def test_a_sigterm_during_validation_keeps_the_average_and_the_raw_weights_apart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between validation batches the model holds EMA's average and the average model the raw
+    weights; last.ckpt must still store the average as state_dict, the raw as current_model_state."""
+    seen = {}
+
+    def sigterm_after_first_validation_batch(self, trainer, pl_module, outputs, batch, batch_idx, *args):
+        if batch_idx == 0 and not trainer.sanity_checking:
+            ema = next(c for c in trainer.callbacks if isinstance(c, EMA))
+            seen["average"] = {k: v.clone() for k, v in pl_module.state_dict().items()}
+            seen["raw"] = {k: v.clone() for k, v in ema._average_model.module.state_dict().items()}
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(RandomState, "on_validation_batch_end", sigterm_after_first_validation_batch)
+    with pytest.raises(SystemExit):
+        fit(tmp_path, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3",
+            "--trainer.limit_val_batches", "3", "--trainer.callbacks+=vit.ema.EMA",
+            "--trainer.callbacks.decay", "0.5", "--test_after_fit", "false")
+    last = torch.load(tmp_path / "runs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    name = "net.head.weight"
+    assert not torch.equal(seen["average"][name], seen["raw"][name])
+    assert torch.equal(last["state_dict"][name], seen["average"][name])
+    assert torch.equal(last["current_model_state"][name], seen["raw"][name])

@@ -5,7 +5,9 @@ it as the checkpoint's ``state_dict`` (the raw weights go to ``current_model_sta
 ``on_load_checkpoint`` restores the raw weights whenever the average already exists, which
 is also the case when train.py tests the best checkpoint right after fitting, in the same
 process: the test would score the raw weights, not the average it was validated on.
-``EMA`` restores them only when resuming a fit.
+``EMA`` restores them only when resuming a fit. And a checkpoint written while the average is
+swapped in for validation (a SIGTERM between validation batches stops the fit there) would
+store the two the wrong way round: ``EMA`` writes each under its own key.
 
     python train.py fit --config configs/cifar10_cpu.yaml --trainer.callbacks+=vit.ema.EMA
 """
@@ -36,7 +38,32 @@ class EMA(EMAWeightAveraging):
                 f"--trainer.callbacks.decay {decay}: the EMA decay must lie between 0 and 1 "
                 f"(0.999 averages over about the last 1,000 steps)."
             )
+        if update_every_n_steps < 1:
+            raise ConfigError(
+                f"--trainer.callbacks.update_every_n_steps {update_every_n_steps}: the average "
+                f"must be updated every 1 or more optimiser steps (1 updates it at every step)."
+            )
         super().__init__(decay=decay, update_every_n_steps=update_every_n_steps)
+        self._average_swapped_in = False
+
+    def on_validation_epoch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule
+    ) -> None:
+        super().on_validation_epoch_start(trainer, pl_module)
+        self._average_swapped_in = self._average_model is not None
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_epoch_end(trainer, pl_module)
+        self._average_swapped_in = False
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if self._average_swapped_in:  # the model holds the average, the average model the raw
+            checkpoint["state_dict"], checkpoint["current_model_state"] = (
+                checkpoint["current_model_state"], checkpoint["state_dict"]
+            )
 
     def on_load_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
