@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,9 @@ def test_sst2_slice_gives_spec_and_batches_padded_to_their_longest(tmp_path: Pat
         assert (ids[:, -1] != PAD).any()  # no column of padding only
         lengths.add(ids.shape[1])
     assert len(lengths) > 1
+    # loader workers started by spawn (macOS, Windows) pickle the collate function: it must
+    # not carry the data module, whose trainer holds the model and its local functions
+    assert len(pickle.dumps(data.train_dataloader().collate_fn)) < 1_000
 
 
 def test_the_length_grouped_order_follows_the_seed_and_the_epoch() -> None:

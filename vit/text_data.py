@@ -11,6 +11,7 @@ vocabulary size is known before the model is.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import re
 from collections.abc import Iterator
@@ -192,6 +193,15 @@ def label_classes(labels: list[str], names: list[str] | None = None) -> tuple[li
             f"every training label is {classes[0]!r}: a classifier needs at least two classes."
         )
     return classes, {name: i for i, name in enumerate(classes)}
+
+
+def trim_padding(
+    batch: tuple[torch.Tensor, torch.Tensor], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut the padding columns beyond the longest text of the batch."""
+    ids, labels = batch
+    length = int((ids != pad_id).sum(dim=1).max())
+    return ids[:, :length], labels
 
 
 class TextDataModule(L.LightningDataModule):
@@ -395,16 +405,12 @@ class TextDataModule(L.LightningDataModule):
         sampler = LengthGroupedSampler(self.lengths[split], self.batch_size, seed=self.seed) \
             if shuffle else None
         return DataLoader(
-            dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=self._trim_padding,
+            dataset, batch_size=self.batch_size, sampler=sampler,
+            # a function of the pad id alone: spawned workers pickle it, not this module
+            collate_fn=functools.partial(trim_padding, pad_id=self.tokenizer.pad_id),
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
             pin_memory=feeds_cuda(self.trainer),
         )
-
-    def _trim_padding(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cut the padding columns beyond the longest text of the batch."""
-        ids, labels = batch
-        length = int((ids != self.tokenizer.pad_id).sum(dim=1).max())
-        return ids[:, :length], labels
 
     def has_split(self, split: str) -> bool:
         """Whether the data holds any texts of ``split`` ("train", "val" or "test")."""
