@@ -308,9 +308,17 @@ def test_unavailable_device_is_one_clear_error(image_checkpoint: Path, tmp_path:
     random_image().save(tmp_path / "a.png")
     status, _, err = run(capsys, image_checkpoint, tmp_path / "a.png", "--device", "tpu:7")
     assert status == 2 and err == ["error: unknown device 'tpu:7': use auto, cpu, cuda or cuda:N."]
+    for device in ("meta", "mps", "xpu"):  # torch knows them; the classifier runs on cpu or cuda
+        status, _, err = run(capsys, image_checkpoint, tmp_path / "a.png", "--device", device)
+        assert status == 2 and err == [f"error: device '{device}' is not supported: use auto, cpu, "
+                                       "cuda or cuda:N."]
     if not torch.cuda.is_available():
         status, _, err = run(capsys, image_checkpoint, tmp_path / "a.png", "--device", "cuda")
         assert status == 2 and "has no CUDA GPU: use cpu" in err[0]
+    else:
+        beyond = f"cuda:{torch.cuda.device_count()}"
+        status, _, err = run(capsys, image_checkpoint, tmp_path / "a.png", "--device", beyond)
+        assert status == 2 and f"device '{beyond}' asked for, but this machine has" in err[0]
 
 
 AVERAGED_AND_MIRRORED = [

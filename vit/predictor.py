@@ -44,8 +44,18 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         resolved = torch.device(device)
     except (RuntimeError, ValueError):
         raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N.") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
+    if resolved.type == "cpu":
+        return resolved
+    if resolved.type != "cuda":
+        raise ValueError(f"device {device!r} is not supported: use auto, cpu, cuda or cuda:N.")
+    if not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but this machine has no CUDA GPU: use cpu.")
+    count = torch.cuda.device_count()
+    if resolved.index is not None and resolved.index >= count:
+        raise ValueError(
+            f"device {device!r} asked for, but this machine has {count} CUDA GPU(s): "
+            f"use cuda:0{f' to cuda:{count - 1}' if count > 1 else ''}."
+        )
     return resolved
 
 
