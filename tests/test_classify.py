@@ -18,7 +18,7 @@ from PIL import Image
 
 from conftest import save_checkpoint
 from vit.checkpoint import CheckpointError, load_saved_model, save_bundle
-from vit.classify import main
+from vit.classify import main, table_cell
 from vit.predictor import Prediction, Predictor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -188,7 +188,8 @@ def test_many_inputs_show_progress_on_stderr_and_keep_stdout_clean(
 def test_texts_and_text_files_with_empty_lines_are_reported_one_by_one(
     text_checkpoint: Path, tmp_path: Path, capsys
 ) -> None:
-    (tmp_path / "reviews.txt").write_text("great acting\n   \na plot that makes no sense\n")
+    # a form feed inside a line does not end it (str.splitlines would split there)
+    (tmp_path / "reviews.txt").write_text("great acting\n   \na plot that\x0cmakes no sense\n")
     status, out, err = run(
         capsys, text_checkpoint, "--text", "warm and clever", "--text", "", "--text-file",
         tmp_path / "reviews.txt", "--text-file", tmp_path / "absent.txt", "--format", "json",
@@ -196,12 +197,19 @@ def test_texts_and_text_files_with_empty_lines_are_reported_one_by_one(
     )
     assert status == 1
     records = json.loads(out)
-    assert [r["input"] for r in records] == ["warm and clever", "great acting", "a plot that makes no sense"]
+    assert [r["input"] for r in records] == ["warm and clever", "great acting", "a plot that\x0cmakes no sense"]
     assert all(len(r["predictions"]) == 2 for r in records)  # top-k capped at two classes
     assert len(err) == 3
     assert any(line.startswith("error: --text 2: empty") for line in err)
     assert any(line.startswith(f"error: {tmp_path / 'reviews.txt'}:2: empty") for line in err)
     assert any("absent.txt: no such text file" in line for line in err)
+
+
+def test_table_cells_keep_a_texts_first_words_and_a_paths_file_name() -> None:
+    assert table_cell("a  film\nof rare wit", 30) == "a film of rare wit"
+    assert table_cell("a film of rare wit and grace", 18) == "a film of rare..."
+    path = "/data/" + "x" * 70 + "/cat_0001.jpg"
+    assert table_cell(path, 20) == "..." + path[-17:] and table_cell(path, 20).endswith("cat_0001.jpg")
 
 
 def test_long_texts_are_truncated_with_a_note(text_checkpoint: Path, capsys) -> None:

@@ -81,7 +81,11 @@ def read_texts(texts: Sequence[str], text_files: Sequence[str]) -> tuple[list[It
     failures = []
     for file in text_files:
         try:
-            lines = Path(file).expanduser().read_text(encoding="utf-8").splitlines()
+            # "\n" alone ends a line (read_text turns "\r\n" and "\r" into it); splitlines
+            # would also split at form feeds and Unicode's separators inside a line
+            lines = Path(file).expanduser().read_text(encoding="utf-8").split("\n")
+            if lines[-1] == "":
+                lines.pop()
         except FileNotFoundError:
             failures.append(f"{file}: no such text file")
             continue
@@ -124,6 +128,16 @@ def prepared_in_order(
             yield item, future.result()
 
 
+def table_cell(name: str, width: int) -> str:
+    """``name`` on one line in at most ``width`` characters: a text keeps its first words, a
+    name without spaces (a file's path) its end, where the file name is."""
+    flat = " ".join(name.split())
+    if len(flat) <= width:
+        return flat
+    shortened = textwrap.shorten(flat, width, placeholder="...")
+    return shortened if shortened != "..." else "..." + flat[-(width - 3):]
+
+
 class ResultWriter:
     """Writes each input's predictions as an aligned table, a JSON array or CSV rows."""
 
@@ -148,8 +162,7 @@ class ResultWriter:
                 [name, rank, p.label, f"{p.probability:.6f}"] for rank, p in enumerate(predictions, 1)
             )
         else:
-            shown = textwrap.shorten(" ".join(name.split()), self.name_width, placeholder="...") \
-                if len(name) > self.name_width or "\n" in name else name
+            shown = table_cell(name, self.name_width)
             cells = "  ".join(f"{p.label} {p.probability:.3f}" for p in predictions)
             self.out.write(f"{shown:<{self.name_width}}  {cells}\n")
         self.count += 1
