@@ -62,6 +62,25 @@ def test_text_bundle_carries_the_tokenizer(text_checkpoint: Path, tmp_path: Path
     assert classify_output(capsys, bundle, *argv) == classify_output(capsys, text_checkpoint, *argv)
 
 
+def test_a_text_bundle_with_an_unreadable_tokenizer_is_named(text_checkpoint: Path, tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    assert export([str(text_checkpoint), str(bundle)]) == 0
+    (bundle / "tokenizer.json").write_bytes(b"\xff\xfe not text")
+    with pytest.raises(CheckpointError, match=r"bundle/tokenizer\.json: not readable as UTF-8 text"):
+        Predictor.load(bundle)
+
+
+def test_a_bundle_is_not_exported_over_itself(image_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    bundle = tmp_path / "bundle"
+    assert export([str(image_checkpoint), str(bundle)]) == 0
+    before = {path.name: path.read_bytes() for path in bundle.iterdir()}
+    capsys.readouterr()
+    for source in (bundle, bundle / "config.json"):  # the folder, or its config.json
+        assert export([str(source), str(bundle)]) == 2
+        assert "the bundle to write is the one being read" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in bundle.iterdir()} == before
+
+
 def test_a_bundle_exports_again_unchanged(image_checkpoint: Path, tmp_path: Path) -> None:
     assert export([str(image_checkpoint), str(tmp_path / "a")]) == 0
     assert export([str(tmp_path / "a"), str(tmp_path / "b")]) == 0

@@ -318,7 +318,11 @@ def _read_bundle(folder: Path) -> SavedModel:
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({err}).") from None
     tokenizer_path = folder / BUNDLE_TOKENIZER
-    tokenizer_json = tokenizer_path.read_text(encoding="utf-8") if tokenizer_path.is_file() else None
+    try:
+        tokenizer_json = tokenizer_path.read_text(encoding="utf-8") if tokenizer_path.is_file() \
+            else None
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{tokenizer_path}: not readable as UTF-8 text ({err}).") from None
     return _build(spec, config["architecture"], state, tokenizer_json, folder)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from vit.checkpoint import CheckpointError, SavedModel, load_saved_model, save_bundle
+from vit.checkpoint import BUNDLE_CONFIG, CheckpointError, SavedModel, load_saved_model, save_bundle
 
 ONNX_FILE = "model.onnx"
 
@@ -70,7 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         saved = load_saved_model(args.checkpoint)
-        if Path(args.out_dir).resolve() == Path(args.checkpoint).resolve():
+        source = Path(args.checkpoint).expanduser()
+        read_from = source.parent if source.name == BUNDLE_CONFIG else source
+        if Path(args.out_dir).expanduser().resolve() == read_from.resolve():
             raise ValueError(f"{args.out_dir}: the bundle to write is the one being read; "
                              f"choose another OUT_DIR.")
         onnx_path = Path(args.out_dir) / ONNX_FILE
