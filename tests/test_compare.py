@@ -27,6 +27,7 @@ from vit.measure import (
     shuffle_tokens,
 )
 from vit.model import ImageClassifier, TextClassifier, encoder_config
+from vit.report import code_span
 from vit.text_data import TextTable
 from vit.tokenizer import TextTokenizer
 
@@ -155,6 +156,16 @@ def test_text_side_from_a_checkpoint(text_checkpoint: Path) -> None:
     side = load_text_side(str(text_checkpoint), SST2 / "test.tsv", table, {}, "nano", 0, 50)
     assert len(side.data) == 50 and side.data.inputs.shape[1] <= 12
     assert side.class_names == ["negative", "positive"]
+
+
+@pytest.mark.parametrize("token,span", [
+    ("good", "`good`"),
+    ("`", "`` ` ``"),  # SST-2 writes opening quotes as `` and single ones as `
+    ("``", "``` `` ```"),
+    ("don`t", "``don`t``"),
+])
+def test_a_token_with_backticks_is_one_markdown_code_span(token: str, span: str) -> None:
+    assert code_span(token) == span
 
 
 def test_report_end_to_end(

@@ -9,10 +9,21 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from matplotlib.figure import Figure
+
+
+def code_span(text: str) -> str:
+    """``text`` as a Markdown code span whatever backticks it holds (SST-2 has "``" and "`"):
+    fenced by one backtick more than its longest run of them, with a space inside the fences
+    where it starts or ends with one (CommonMark strips that space)."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 @dataclass
@@ -159,7 +170,7 @@ class Report:
         if isinstance(block, Tokens):
             shown = []
             for i, token in enumerate(block.tokens):
-                text = f"`{token}`"
+                text = code_span(token)
                 if block.weights is not None:
                     text += f"<sub>{block.weights[i]:.2f}</sub>"
                 if block.marked and block.marked[i]:
