@@ -212,6 +212,8 @@ def test_data_errors_name_the_file_and_the_fix(tmp_path: Path) -> None:
         TextDataModule(str(tmp_path / "d"))
     with pytest.raises(ConfigError, match=r"--data.vocab_size 3 leaves no room"):
         TextDataModule(str(tmp_path / "d"), vocab_size=3, val_fraction=0)
+    with pytest.raises(ConfigError, match=r"--data.vocab_size 6 leaves no room .* twice"):
+        TextDataModule(str(tmp_path / "d"), tokenizer_kind="wordpiece", vocab_size=6, val_fraction=0)
     with pytest.raises(ConfigError, match=r"--data.max_length 2 is below 3"):
         TextDataModule(str(tmp_path / "d"), max_length=2, val_fraction=0)
     with pytest.raises(ConfigError, match=r"--data.tokenizer_file: \S*nowhere.json: no tokenizer file"):

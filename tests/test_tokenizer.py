@@ -139,6 +139,18 @@ def test_bad_json_and_bad_options_are_clear_errors() -> None:
         TextTokenizer.train(["a"], "word", 5, 16)
     with pytest.raises(ValueError, match="max_length=2"):
         TextTokenizer.train(["a"], "word", 100, 2)
+    with pytest.raises(ValueError, match=r"vocab_size=6 leaves no room .* each character twice"):
+        TextTokenizer.train(["a"], "wordpiece", 6, 16)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("vocab_size", [7, 8, 20])
+def test_a_small_vocabulary_is_never_exceeded(kind: str, vocab_size: int) -> None:
+    """The corpus holds more distinct characters than these vocabularies have room for."""
+    tokenizer = TextTokenizer.train(corpus(), kind, vocab_size, 48)
+    assert len(SPECIAL_TOKENS) < tokenizer.vocab_size <= vocab_size
+    ids, _ = tokenizer.encode_batch(["a gripping film"])
+    assert int(ids.max()) < tokenizer.vocab_size
 
 
 @pytest.mark.parametrize("kind", KINDS)

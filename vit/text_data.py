@@ -24,7 +24,9 @@ from torch.utils.data import DataLoader, Sampler
 
 from vit.data import BatchTensorDataset, DataNotFoundError, feeds_cuda, held_out_count
 from vit.errors import ConfigError
-from vit.tokenizer import KINDS, MIN_LENGTH, SPECIAL_TOKENS, TextTokenizer, is_blank
+from vit.tokenizer import (
+    KINDS, MIN_LENGTH, TextTokenizer, is_blank, smallest_vocab_size, too_small_vocabulary,
+)
 
 SUFFIXES = (".tsv", ".csv")
 
@@ -262,11 +264,9 @@ class TextDataModule(L.LightningDataModule):
             raise ConfigError(f"--data.val_fraction must be in [0, 1), got {val_fraction}.")
         if batch_size < 1:
             raise ConfigError(f"--data.batch_size must be at least 1, got {batch_size}.")
-        if not tokenizer_file and vocab_size <= len(SPECIAL_TOKENS):
+        if not tokenizer_file and vocab_size < smallest_vocab_size(tokenizer_kind):
             raise ConfigError(
-                f"--data.vocab_size {vocab_size} leaves no room beside the {len(SPECIAL_TOKENS)} "
-                f"special tokens: choose a larger vocabulary (a few hundred for char, thousands "
-                f"otherwise)."
+                f"--data.vocab_size {vocab_size} {too_small_vocabulary(tokenizer_kind)}"
             )
         if not tokenizer_file and max_length < MIN_LENGTH:
             raise ConfigError(f"--data.max_length {max_length} is below {MIN_LENGTH} ([CLS], one "

@@ -73,10 +73,13 @@ def _untrained(kind: str, vocab_size: int) -> tuple[Tokenizer, trainers.Trainer]
     if kind not in ("bpe", "wordpiece"):
         raise ValueError(f"unknown tokenizer kind {kind!r}: choose one of {', '.join(KINDS)}.")
     tokenizer = Tokenizer(models.BPE(unk_token=UNK))
-    # WordPiece keeps each character twice, word-initial and as "##" continuation.
-    alphabet = {"limit_alphabet": (vocab_size - len(special)) // 2} if kind == "wordpiece" else {}
+    # The trainer keeps every character it sees unless limited, however small vocab_size is.
+    # WordPiece keeps each character twice, word-initial and as "##" continuation, and its
+    # BPE also sees the word-start mark "▁", which does not enter the WordPiece vocabulary.
+    room = vocab_size - len(special)
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=special, min_frequency=2, **alphabet
+        vocab_size=vocab_size, special_tokens=special, min_frequency=2,
+        limit_alphabet=room // 2 + 1 if kind == "wordpiece" else room,
     )
     if kind == "bpe":
         # "▁word" pieces, each punctuation mark on its own, so "[CLS]" can never be one piece.
@@ -131,6 +134,21 @@ def _kind_of(tokenizer: Tokenizer) -> str:
     )
 
 
+def smallest_vocab_size(kind: str) -> int:
+    """The least ``vocab_size`` a tokenizer of ``kind`` can fill: the special tokens and one
+    character, twice for WordPiece (word-initial and ``##`` continuation)."""
+    return len(SPECIAL_TOKENS) + (2 if kind == "wordpiece" else 1)
+
+
+def too_small_vocabulary(kind: str) -> str:
+    """What to say of a ``vocab_size`` below :func:`smallest_vocab_size`."""
+    twice = ", each character twice (word-initial and ##)" if kind == "wordpiece" else ""
+    return (
+        f"leaves no room beside the {len(SPECIAL_TOKENS)} special tokens{twice}: choose a larger "
+        f"vocabulary (a few hundred for char, thousands otherwise)."
+    )
+
+
 class TextTokenizer:
     """A trained ``tokenizers.Tokenizer`` with this project's special tokens, truncation and padding.
 
@@ -175,11 +193,8 @@ class TextTokenizer:
             max_length: Longest encoding, [CLS] and [SEP] included; longer texts are cut.
             lowercase: Lowercase every text before tokenizing.
         """
-        if vocab_size <= len(SPECIAL_TOKENS):
-            raise ValueError(
-                f"vocab_size={vocab_size} leaves no room beside the {len(SPECIAL_TOKENS)} special "
-                f"tokens: choose a larger vocabulary (a few hundred for char, thousands otherwise)."
-            )
+        if vocab_size < smallest_vocab_size(kind):
+            raise ValueError(f"vocab_size={vocab_size} {too_small_vocabulary(kind)}")
         if max_length < MIN_LENGTH:
             raise ValueError(f"max_length={max_length} is below {MIN_LENGTH} ([CLS], one token, [SEP]).")
         tokenizer, trainer = _untrained(kind, vocab_size)
