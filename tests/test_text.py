@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vit.attention import Attention
+from vit.checkpoint import CheckpointError
 from vit.cli import main
 from vit.data import DataNotFoundError
 from vit.encoder import Block, Encoder
@@ -241,6 +243,20 @@ def test_a_few_steps_of_fit_on_sst2_keep_the_tokenizer_beside_the_checkpoints(tm
     assert model.tokenizer_json is not None and model.class_names == ["negative", "positive"]
     ids, _ = saved.encode_batch(["a gorgeous , witty film", "[CLS] dull"])
     assert model(ids).shape == (2, 2)
+
+    # Its weights start a run on other texts only with its tokenizer: a tokenizer trained
+    # there would give the same ids to other tokens (the vocabularies may even be as large).
+    other = sst2_slice(tmp_path / "other")
+    lines = (SST2 / "train.tsv").read_text(encoding="utf-8").splitlines()
+    write(other / "train.tsv", lines[:1] + lines[301:601])
+    again = ["fit", "--config", str(REPO / "configs" / "sst2.yaml"), "--data.root", str(other),
+             "--data.vocab_size", "600", "--model.variant", "nano", "--trainer.max_steps", "2",
+             "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "runs"),
+             "--test_after_fit", "false", "--model.init_from", str(run / "checkpoints" / "last.ckpt")]
+    with pytest.raises(CheckpointError, match=r"trained with another tokenizer \(\d+ of their \d+ token ids"
+                                              rf".*--data.tokenizer_file {re.escape(str(run / 'tokenizer.json'))}\."):
+        main(again)
+    assert main([*again, "--data.tokenizer_file", str(run / "tokenizer.json")]).trainer.global_step == 2
 
 
 def test_flip_averaging_a_text_model_is_refused_naming_the_option() -> None:

@@ -178,12 +178,63 @@ def fit_state_dict(
     mismatch = tensor_mismatch(state, kept)
     if mismatch:
         theirs, ours = shape_difference(state, kept)
+        vocabulary = " (the vocabulary: --data.vocab_size, or --data.tokenizer_file with the " \
+            "tokenizer they were trained with)" if "vocab_size" in theirs else ""
         raise CheckpointError(
             f"{source} does not fit this model: {mismatch}. The weights have {theirs}; the "
             f"model has {ours}. Set --model.variant, --model.embed_dim, --model.depth, "
-            f"--model.num_heads, --model.mlp_ratio and --model.patch_size to the weights' shape."
+            f"--model.num_heads, --model.mlp_ratio and --model.patch_size to the weights' "
+            f"shape{vocabulary}."
         )
     return state, fresh
+
+
+def stored_tokenizer(path: str | Path) -> tuple[str, Path | None] | None:
+    """The tokenizer JSON that text weights at ``path`` were trained with, and the file that
+    holds it (None when it lives inside a checkpoint whose run folder lacks tokenizer.json):
+    a training checkpoint carries it, a bundle's ``model.safetensors`` has it beside it.
+    None when neither does (image weights, or a bare weights file)."""
+    path = Path(path).expanduser()
+    beside = path.parent / BUNDLE_TOKENIZER
+    if path.suffix == ".ckpt":
+        checkpoint = torch_load_safely(path)
+        tokenizer = checkpoint.get("tokenizer") if isinstance(checkpoint, dict) else None
+        if tokenizer is None:
+            return None
+        run_file = path.parent.parent / BUNDLE_TOKENIZER  # RUN/checkpoints/x.ckpt
+        return tokenizer, run_file if run_file.is_file() else None
+    if path.suffix == ".safetensors" and beside.is_file():
+        try:
+            return beside.read_text(encoding="utf-8"), beside
+        except (OSError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{beside}: not readable as UTF-8 text ({err}).") from None
+    return None
+
+
+def check_same_vocabulary(path: str | Path, tokenizer: TextTokenizer) -> None:
+    """Refuse text weights whose token ids name other tokens than ``tokenizer``'s do: their
+    token embeddings would be read under the wrong ids (a vocabulary of the same size loads
+    without complaint)."""
+    stored = stored_tokenizer(path)
+    if stored is None:
+        return
+    tokenizer_json, file = stored
+    try:
+        theirs = TextTokenizer.from_json(tokenizer_json).vocabulary()
+    except ValueError as err:
+        raise CheckpointError(f"{path}: the stored tokenizer is unreadable: {err}") from None
+    ours = tokenizer.vocabulary()
+    if theirs == ours:
+        return
+    agree = sum(ours.get(token) == index for token, index in theirs.items())
+    where = f"--data.tokenizer_file {file}" if file is not None else \
+        "--data.tokenizer_file with the tokenizer.json of the run that wrote them"
+    raise CheckpointError(
+        f"--model.init_from {path}: these weights were trained with another tokenizer ({agree} "
+        f"of their {len(theirs)} token ids name the same token in this run's {len(ours)}), so "
+        f"their token embeddings would be read under the wrong ids. Train on their tokenizer: "
+        f"{where}."
+    )
 
 
 def load_into(model: TokenClassifier, path: str | Path) -> list[str]:

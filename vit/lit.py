@@ -15,12 +15,15 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from vit.checkpoint import CheckpointError, load_into, shape_difference, tensor_mismatch
+from vit.checkpoint import (
+    CheckpointError, check_same_vocabulary, load_into, shape_difference, tensor_mismatch,
+)
 from vit.errors import ConfigError, divisors_text
 from vit.loss_watch import NonFiniteLossWatch
 from vit.model import build_model, encoder_config
 from vit.optimizers import MuonWithAdamW, is_encoder_matrix, takes_weight_decay
 from vit.progress import find_timer, run_progress
+from vit.tokenizer import TextTokenizer
 
 
 def fuses_adamw(trainer: L.Trainer, device: torch.device) -> bool:
@@ -307,6 +310,10 @@ class Classifier(L.LightningModule):
             )
         # Runs before a resumed checkpoint is restored, so init_from never overwrites it.
         if stage == "fit" and self.hparams.init_from and not self._initialised_from_file:
+            if self.tokenizer_json is not None:
+                check_same_vocabulary(
+                    self.hparams.init_from, TextTokenizer.from_json(self.tokenizer_json)
+                )
             fresh = load_into(self.net, self.hparams.init_from)
             self._initialised_from_file = True
             note = f", re-initialised {', '.join(fresh)}" if fresh else ""

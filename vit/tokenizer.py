@@ -268,6 +268,10 @@ class TextTokenizer:
     def max_length(self) -> int:
         return self._tokenizer.truncation["max_length"]
 
+    def vocabulary(self) -> dict[str, int]:
+        """Each token of the vocabulary and its id, the special tokens included."""
+        return self._tokenizer.get_vocab(with_added_tokens=True)
+
     def encode_batch(self, texts: Sequence[str]) -> tuple[torch.Tensor, int]:
         """Encode ``texts`` as ``[CLS] ... [SEP]``, padded with [PAD] to the longest of them.
 
