@@ -206,6 +206,15 @@ def test_data_errors_name_the_file_and_the_fix(tmp_path: Path) -> None:
     write(tmp_path / "q" / "train.csv", ["label,sentence", "0,bad", '1,"good' + " and long" * 20000])
     with pytest.raises(ValueError, match=r"train.csv, line \d+: .*unclosed quote"):
         TextDataModule(str(tmp_path / "q"))
+    rows = [f"{i % 2},text {i}" for i in range(20)]
+    rows[3] = '1,"an opening quote never closed'  # line 5: the csv module reads on to the end
+    write(tmp_path / "u" / "train.csv", ["label,sentence", *rows])
+    with pytest.raises(ConfigError, match=r"train.csv, line 5: a quote opened there is never closed; "
+                                          r"it takes every line to the end, line 21, into one text"):
+        TextDataModule(str(tmp_path / "u"))
+    write(tmp_path / "m" / "train.csv", ["label,sentence", '0,"two', 'lines"', *rows[:3], *rows[4:]])
+    split = TextDataModule(str(tmp_path / "m"), val_fraction=0.2).tables
+    assert "two\nlines" in split["train"][0] + split["val"][0]  # a quoted line break is text
     write(tmp_path / "c" / "train.tsv", ["label\tsentence", "0\tbad", "0\tworse"])
     with pytest.raises(ValueError, match="at least two classes"):
         TextDataModule(str(tmp_path / "c"))

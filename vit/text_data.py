@@ -64,6 +64,7 @@ class TextTable:
                 f"{bad[0]}); they were read as U+FFFD and become [UNK]. Re-encode the file as "
                 f"UTF-8 (e.g. iconv -f latin1 -t utf-8) to keep those characters."
             )
+        lines = content.split("\n")
         if path.suffix == ".tsv":
             rows = csv.reader(io.StringIO(content), delimiter="\t", quoting=csv.QUOTE_NONE)
         else:
@@ -88,16 +89,23 @@ class TextTable:
         skipped: dict[str, list[int]] = {"wrong number of fields": [], "empty text": [],
                                          "empty label": []}
         try:
+            end = rows.line_num
             for row in rows:
-                line = rows.line_num
+                start, end = end + 1, rows.line_num  # a quoted field may span lines
                 if not row:
                     continue
+                if end > start and path.suffix != ".tsv" and unclosed_quote(lines[start - 1:end]):
+                    raise ConfigError(
+                        f"{path}, line {start}: a quote opened there is never closed; it takes "
+                        f"every line to the end, line {end}, into one text. Close the quote, or "
+                        f"double it (\"\") inside a quoted field."
+                    )
                 if len(row) != len(header):
-                    skipped["wrong number of fields"].append(line)
+                    skipped["wrong number of fields"].append(end)
                 elif is_blank(row[text_at]):
-                    skipped["empty text"].append(line)
+                    skipped["empty text"].append(end)
                 elif not row[label_at].strip():
-                    skipped["empty label"].append(line)
+                    skipped["empty label"].append(end)
                 else:
                     self.texts.append(row[text_at])
                     self.labels.append(row[label_at].strip())
@@ -112,6 +120,16 @@ class TextTable:
                       f"(lines {', '.join(map(str, lines[:5]))}{', ...' if len(lines) > 5 else ''}).")
         if not self.texts:
             raise ConfigError(f"{path} holds no usable (text, label) rows.")
+
+
+def unclosed_quote(lines: list[str]) -> bool:
+    """Whether the CSV row made of ``lines`` opens a quoted field that it never closes (the csv
+    module, not strict, reads such a field on to the end of the file)."""
+    try:
+        list(csv.reader(io.StringIO("\n".join(lines)), strict=True))
+    except csv.Error:
+        return True
+    return False
 
 
 def _is_utf8(line: bytes) -> bool:
