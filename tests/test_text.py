@@ -156,6 +156,17 @@ def test_string_labels_csv_quoting_and_held_out_validation(tmp_path: Path) -> No
     assert ids.shape[0] == 2 and labels.tolist() == [2, 4]
 
 
+def test_a_named_training_file_takes_no_dev_or_test_file_from_the_root(tmp_path: Path) -> None:
+    root = sst2_slice(tmp_path / "sst2")  # has train, dev and test files
+    own = write(tmp_path / "own" / "reviews.tsv",
+                ["label\tsentence", *(f"{i % 2}\treview {i}" for i in range(20))])
+    data = TextDataModule(str(root), train_file=str(own), val_fraction=0.2)
+    assert data.files == {"train": own, "val": None, "test": None}
+    assert [len(data.tables[s][0]) for s in ("train", "val")] == [16, 4] and not data.has_split("test")
+    named = TextDataModule(str(root), train_file=str(own), test_file=str(root / "test.tsv"))
+    assert named.files["test"] == root / "test.tsv" and named.files["val"] is None
+
+
 def test_integer_labels_keep_their_numeric_order(tmp_path: Path) -> None:
     rows = [f"{star}\tfilm number {i}" for i, star in enumerate([1, 2, 3, 4, 5, 10] * 3)]
     write(tmp_path / "stars" / "train.tsv", ["label\tsentence"] + rows)

@@ -293,10 +293,13 @@ class TextDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
+        # a training file named by itself is not paired with --data.root's dev and test files
+        # (the config's SST-2 ones): those come only from their own options then
+        in_root = not train_file
         self.files = {
             "train": self._find("train", train_file, required=True),
-            "val": self._find("dev", dev_file, required=False),
-            "test": self._find("test", test_file, required=False),
+            "val": self._find("dev", dev_file, required=False, in_root=in_root),
+            "test": self._find("test", test_file, required=False, in_root=in_root),
         }
         train = TextTable(self.files["train"], text_column, label_column)
         self.class_names, self._label_index = label_classes(train.labels, class_names)
@@ -320,7 +323,9 @@ class TextDataModule(L.LightningDataModule):
         self.splits: dict[str, BatchTensorDataset] = {}
         self.lengths: dict[str, torch.Tensor] = {}
 
-    def _find(self, name: str, override: str | None, *, required: bool) -> Path | None:
+    def _find(
+        self, name: str, override: str | None, *, required: bool, in_root: bool = True
+    ) -> Path | None:
         if override:
             path = Path(override).expanduser()
             if not path.is_file():
@@ -328,6 +333,8 @@ class TextDataModule(L.LightningDataModule):
             if path.suffix not in SUFFIXES:
                 raise ConfigError(f"{path}: name a .tsv or .csv file.")
             return path
+        if not in_root:
+            return None
         found = [self.root / f"{name}{suffix}" for suffix in SUFFIXES if (self.root / f"{name}{suffix}").is_file()]
         if len(found) > 1:
             raise ConfigError(f"both {found[0]} and {found[1]} exist: keep one, or name it with --data.{name}_file.")
