@@ -16,7 +16,7 @@ import vit.matched
 from vit.attention_maps import attention_rollout, capture_attention
 from vit.compare import load_image_side, load_text_side, main, run, tokenization, train_tokenizers
 from vit.errors import ConfigError
-from vit.matched import Budget, run_matched
+from vit.matched import Budget, encode_texts, run_matched
 from vit.measure import (
     EvalSet,
     accuracy,
@@ -156,6 +156,18 @@ def test_text_side_from_a_checkpoint(text_checkpoint: Path) -> None:
     side = load_text_side(str(text_checkpoint), SST2 / "test.tsv", table, {}, "nano", 0, 50)
     assert len(side.data) == 50 and side.data.inputs.shape[1] <= 12
     assert side.class_names == ["negative", "positive"]
+
+
+def test_integer_labels_map_to_the_classes_they_were_trained_as(tmp_path: Path) -> None:
+    tokenizer = TextTokenizer.train(["a fine film", "a dull film"], "word", 50, 16)
+    stars = tmp_path / "stars.tsv"  # labels 1-5, trained with --data.class_names null; no 5 here
+    stars.write_text("label\tsentence\n1\ta dull film\n4\ta fine film\n02\tdull\n")
+    table = TextTable(stars, "sentence", "label")
+    assert encode_texts(table, tokenizer, ["1", "2", "3", "4", "5"]).labels.tolist() == [0, 3, 1]
+    sst = tmp_path / "sst.tsv"  # labels 0/1 naming the classes by index
+    sst.write_text("label\tsentence\n1\ta fine film\n0\ta dull film\n")
+    table = TextTable(sst, "sentence", "label")
+    assert encode_texts(table, tokenizer, ["negative", "positive"]).labels.tolist() == [1, 0]
 
 
 @pytest.mark.parametrize("token,span", [

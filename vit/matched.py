@@ -25,7 +25,7 @@ from vit.errors import ConfigError
 from vit.measure import EvalSet, parameter_counts, positional_probes, tokens_per_sample
 from vit.model import TokenClassifier, build_model
 from vit.optimizers import takes_weight_decay
-from vit.text_data import TextTable, label_classes, label_key
+from vit.text_data import TextTable, is_integer_label, label_classes, label_key
 from vit.tokenizer import TextTokenizer
 
 
@@ -61,8 +61,16 @@ def encode_texts(
     length: int | None = None,
     limit: int | None = None,
 ) -> EvalSet:
-    """The first ``limit`` rows of ``table`` encoded; with ``length``, cut or [PAD]-padded to it."""
-    _, index = label_classes(table.labels, class_names)
+    """The first ``limit`` rows of ``table`` encoded; with ``length``, cut or [PAD]-padded to it.
+
+    Labels map to ``class_names`` as they did in training: where every class name is an
+    integer, the classes were the training labels themselves (``--data.class_names null``) and
+    a label is its own class's name; otherwise integer labels index into the names.
+    """
+    if all(is_integer_label(name) for name in class_names):
+        index = {label_key(name): i for i, name in enumerate(class_names)}
+    else:
+        _, index = label_classes(table.labels, class_names)
     ids, _ = tokenizer.encode_batch(table.texts[:limit])
     if length is not None:
         ids = torch.nn.functional.pad(

@@ -185,13 +185,14 @@ class LengthGroupedSampler(Sampler[int]):
         return iter(torch.cat([batches[i] for i in shuffled]).tolist())
 
 
-def _is_int(label: str) -> bool:
+def is_integer_label(label: str) -> bool:
+    """Whether ``label`` is written as an integer ("3", "-1", "02")."""
     return re.fullmatch(r"[+-]?[0-9]+", label) is not None
 
 
 def label_key(label: str) -> str:
     """The label as the class maps know it: integers in their plain form ("02" -> "2")."""
-    return str(int(label)) if _is_int(label) else label
+    return str(int(label)) if is_integer_label(label) else label
 
 
 def label_classes(labels: list[str], names: list[str] | None = None) -> tuple[list[str], dict[str, int]]:
@@ -201,7 +202,7 @@ def label_classes(labels: list[str], names: list[str] | None = None) -> tuple[li
     integers) are the classes. With ``names``, integer labels index into it and string
     labels must be among it.
     """
-    integers = all(_is_int(label) for label in labels)
+    integers = all(is_integer_label(label) for label in labels)
     if names is not None:
         if len(names) < 2:
             raise ConfigError(f"--data.class_names {names} names fewer than two classes.")
