@@ -148,7 +148,7 @@ def test_tokenization_marks_unknown_and_special_tokens() -> None:
     view = tokenization(tokenizer, "a great film")
     assert view["tokens"] == ["[CLS]", "a", "[UNK]", "film", "[SEP]"]
     assert view["unknown"] == [False, False, True, False, False]
-    assert view["special"] == [True, False, True, False, True] and view["count"] == 5
+    assert view["special"] == [True, False, False, False, True] and view["count"] == 5  # [UNK] is unknown
 
 
 def test_text_side_from_a_checkpoint(text_checkpoint: Path) -> None:
@@ -290,7 +290,7 @@ def test_tokens_command_prints_patches_and_every_tokenizer(capsys: pytest.Captur
 @pytest.mark.parametrize(
     "case", ["missing texts", "not an image", "missing checkpoint", "no images", "other modality",
              "out is a file", "not matched results", "tokens not square", "patch too large",
-             "empty text"]
+             "empty text", "invisible text", "empty sentence"]
 )
 def test_a_users_mistake_is_one_line_naming_the_option_or_file(
     case: str, tmp_path: Path, text_checkpoint: Path, capsys: pytest.CaptureFixture,
@@ -319,7 +319,9 @@ def test_a_users_mistake_is_one_line_naming_the_option_or_file(
         "patch too large": (["tokens", "--image", image, "--patch-size", "64"],
                             "--patch-size 64 does not tile --image-size 32 images: choose one of "
                             "1, 2, 4, 8, 16, 32."),
-        "empty text": (["tokens", "--text", " "], "--text is empty"),
+        "empty text": (["tokens", "--text", " "], "--text ' ' is empty"),
+        "invisible text": (["tokens", "--text", "\u200b\x01"], "is empty once whitespace and control"),
+        "empty sentence": (["report", "--sentence", ""], "--sentence '' is empty"),
     }[case]
     if args[0] in ("report", "matched") and "--out" not in args:
         args = [*args, "--out", str(tmp_path / "out")]

@@ -50,7 +50,7 @@ from vit.measure import (
 from vit.model import VARIANTS, ImageClassifier, TextClassifier, build_model
 from vit.report import Report, Table, Tokens
 from vit.text_data import TextTable, label_classes
-from vit.tokenizer import KINDS, SPECIAL_TOKENS, UNK, TextTokenizer
+from vit.tokenizer import KINDS, SPECIAL_TOKENS, UNK, TextTokenizer, is_blank
 
 DEFAULT_SENTENCE = "A gripping, beautifully acted film -- though its ending feels unearned."
 VOCAB_SIZES = {"word": 8000, "char": 300, "bpe": 8000, "wordpiece": 8000}
@@ -170,7 +170,7 @@ def tokenization(tokenizer: TextTokenizer, text: str) -> dict[str, Any]:
         "vocab_size": tokenizer.vocab_size,
         "tokens": tokens,
         "ids": ids,
-        "special": [i < len(SPECIAL_TOKENS) for i in ids],
+        "special": [i < len(SPECIAL_TOKENS) and i != tokenizer.unk_id for i in ids],  # [UNK]: unknown
         "unknown": [t == UNK for t in tokens],
         "count": len(ids),
         "unknown_count": sum(t == UNK for t in tokens),
@@ -802,6 +802,21 @@ def read_matched_results(path: Path) -> dict[str, Any]:
     return matched
 
 
+def check_sentence(option: str, text: str) -> None:
+    """Refuse a sentence the tokenizers cannot take, before any work begins."""
+    if is_blank(text):
+        raise ConfigError(
+            f'{option} {text!r} is empty once whitespace and control characters are removed: '
+            f'pass a sentence, e.g. {option} "a gripping film".'
+        )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(
+            f"{option} holds bytes that are not UTF-8 ({text!r:.60}): pass it as UTF-8 text."
+        ) from None
+
+
 def run(argv: list[str] | None = None) -> int:
     """``main`` as a program: a user's mistake (a missing checkpoint, data or file) is one line
     on stderr and exit status 2."""
@@ -826,8 +841,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "tokens":
         if args.image is None and args.text is None:
             raise SystemExit('tokens: pass --image FILE, --text "..." or both.')
-        if args.text is not None and not args.text.strip():
-            raise ConfigError('--text is empty: pass a sentence, e.g. --text "a gripping film".')
+        if args.text is not None:
+            check_sentence("--text", args.text)
         if args.image is not None and args.image_size % args.patch_size:
             raise ConfigError(
                 f"--patch-size {args.patch_size} does not tile --image-size {args.image_size} "
@@ -851,6 +866,7 @@ def main(argv: list[str] | None = None) -> None:
         print("\n".join(Report._markdown_block(blocks[1])))
         print(f"\nwrote {out / 'matched.json'}")
     else:
+        check_sentence("--sentence", args.sentence)
         summary = build_report(args, command)
         print(
             f"wrote {Path(args.out) / 'report.html'}, report.md, summary.json and the figures "
