@@ -83,7 +83,7 @@ def read_texts(texts: Sequence[str], text_files: Sequence[str]) -> tuple[list[It
         try:
             # "\n" alone ends a line (read_text turns "\r\n" and "\r" into it); splitlines
             # would also split at form feeds and Unicode's separators inside a line
-            lines = Path(file).expanduser().read_text(encoding="utf-8").split("\n")
+            lines = Path(file).expanduser().read_text(encoding="utf-8-sig").split("\n")
             if lines[-1] == "":
                 lines.pop()
         except FileNotFoundError:
