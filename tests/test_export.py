@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tokenizers import Tokenizer
 
 from vit.checkpoint import CheckpointError, load_saved_model
 from vit.classify import main as classify
@@ -60,6 +61,18 @@ def test_text_bundle_carries_the_tokenizer(text_checkpoint: Path, tmp_path: Path
         "vocab_size", "max_length", "pad_id", "tokenizer_kind"}
     argv = ["--text", "great acting", "--text", "the plot makes no sense at all", "--format", "csv"]
     assert classify_output(capsys, bundle, *argv) == classify_output(capsys, text_checkpoint, *argv)
+
+
+def test_a_bundle_tokenizer_read_as_the_readme_says_encodes_as_the_model_does(
+    text_checkpoint: Path, tmp_path: Path
+) -> None:
+    bundle = tmp_path / "bundle"
+    assert export([str(text_checkpoint), str(bundle)]) == 0
+    reader = Tokenizer.from_file(str(bundle / "tokenizer.json"))
+    reader.encode_special_tokens = True
+    text = "[PAD] [CLS] a gripping film"
+    ids, _ = Predictor.load(bundle).tokenizer.encode_batch([text])
+    assert reader.encode(text).ids == ids[0].tolist()
 
 
 def test_a_text_bundle_with_an_unreadable_tokenizer_is_named(text_checkpoint: Path, tmp_path: Path) -> None:

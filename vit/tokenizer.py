@@ -6,7 +6,9 @@ five special tokens with fixed ids: [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4
 Each text is encoded as ``[CLS] tokens [SEP]``, truncated to ``max_length`` and padded with
 [PAD] to the longest text of its batch. Text that merely looks like a special token (a user
 typing "[CLS]") is encoded as ordinary text. The saved form is a standard ``tokenizer.json``
-that ``tokenizers.Tokenizer.from_file`` also reads.
+that ``tokenizers.Tokenizer.from_file`` also reads; that setting is not part of the file, so
+a reader outside this project sets ``tokenizer.encode_special_tokens = True`` after loading
+it to encode as this project does.
 
 - word: Whitespace pre-tokenizer (runs of letters/digits, runs of punctuation), one id per
   word; out-of-vocabulary words become [UNK].
