@@ -243,7 +243,9 @@ def test_data_errors_name_the_file_and_the_fix(tmp_path: Path) -> None:
                        val_fraction=0)
 
 
-def test_a_few_steps_of_fit_on_sst2_keep_the_tokenizer_beside_the_checkpoints(tmp_path: Path) -> None:
+def test_a_few_steps_of_fit_on_sst2_keep_the_tokenizer_beside_the_checkpoints(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     cli = main([
         "fit", "--config", str(REPO / "configs" / "sst2.yaml"),
         "--data.root", str(sst2_slice(tmp_path / "sst2")), "--data.vocab_size", "600",
@@ -277,6 +279,12 @@ def test_a_few_steps_of_fit_on_sst2_keep_the_tokenizer_beside_the_checkpoints(tm
                                               rf".*--data.tokenizer_file {re.escape(str(run / 'tokenizer.json'))}\."):
         main(again)
     assert main([*again, "--data.tokenizer_file", str(run / "tokenizer.json")]).trainer.global_step == 2
+    assert "note: --data.tokenizer_file" not in capsys.readouterr().out  # the config's options agree
+    TextDataModule(str(other), tokenizer_file=str(run / "tokenizer.json"), tokenizer_kind="char",
+                   max_length=16)
+    assert (f"note: --data.tokenizer_file {run / 'tokenizer.json'} brings its own tokenizer (wordpiece, "
+            "max_length 64); --data.tokenizer_kind char and --data.max_length 16 do not apply."
+            ) in capsys.readouterr().out
 
 
 def test_flip_averaging_a_text_model_is_refused_naming_the_option() -> None:

@@ -317,6 +317,16 @@ class TextDataModule(L.LightningDataModule):
                 self.tokenizer = TextTokenizer.load(tokenizer_file)
             except (OSError, ValueError) as err:
                 raise ConfigError(f"--data.tokenizer_file: {err}") from None
+            overridden = [
+                f"--data.{option} {given}"
+                for option, given, own in (("tokenizer_kind", tokenizer_kind, self.tokenizer.kind),
+                                           ("max_length", max_length, self.tokenizer.max_length))
+                if given != own
+            ]
+            if overridden:
+                print(f"note: --data.tokenizer_file {tokenizer_file} brings its own tokenizer "
+                      f"({self.tokenizer.kind}, max_length {self.tokenizer.max_length}); "
+                      f"{' and '.join(overridden)} do not apply.")
         else:
             self.tokenizer = TextTokenizer.train(
                 self.tables["train"][0], tokenizer_kind, vocab_size, max_length, lowercase=lowercase
