@@ -338,13 +338,17 @@ def test_a_users_mistake_is_one_line_naming_the_option_or_file(
     assert "--data." not in err
 
 
-def test_an_unknown_variant_is_refused_with_the_choices(capsys: pytest.CaptureFixture) -> None:
+def test_an_unknown_variant_or_a_negative_limit_is_refused_by_the_parser(capsys: pytest.CaptureFixture) -> None:
     for command in ("report", "matched"):
         with pytest.raises(SystemExit) as refused:
             run([command, "--variant", "huge"])
         assert refused.value.code == 2
         err = capsys.readouterr().err
         assert "--variant: invalid choice: 'huge'" in err and "lite7" in err
+    with pytest.raises(SystemExit) as refused:
+        run(["matched", "--text-train-limit", "-5"])
+    assert refused.value.code == 2
+    assert "--text-train-limit: must be 0 or more, got -5" in capsys.readouterr().err
 
 
 def test_text_files_without_the_sst2_columns_are_named_in_the_message(tmp_path: Path) -> None:

@@ -158,3 +158,10 @@ def test_training_is_reproducible(kind: str) -> None:
     """Same text and options, same vocabulary (tokenizers' WordPieceTrainer alone fails this)."""
     runs = {TextTokenizer.train(corpus(), kind, VOCAB[kind], 48).to_json() for _ in range(3)}
     assert len(runs) == 1
+
+
+def test_training_off_a_terminal_prints_nothing(capfd: pytest.CaptureFixture) -> None:
+    """tokenizers' progress bars print blank lines into logs and pipes; they show on terminals only."""
+    for kind in KINDS:
+        TextTokenizer.train(corpus()[:200], kind, VOCAB[kind], 48)
+    assert capfd.readouterr().out == ""

@@ -35,7 +35,7 @@ from vit.data import (
     CIFAR10_MEAN, CIFAR10_STD, DataNotFoundError, ImageSource, default_cache_dir, load_split,
     writable_folder,
 )
-from vit.errors import ConfigError, divisors_text, positive_float, positive_int
+from vit.errors import ConfigError, divisors_text, non_negative_int, positive_float, positive_int
 from vit.imageio import ImageDecodeError, load_image
 from vit.matched import Budget, encode_texts, run_matched
 from vit.measure import (
@@ -755,7 +755,7 @@ def parser() -> argparse.ArgumentParser:
         "--text-root", default="data/sst2", help="folder with train.tsv and test.tsv"
     )
     matched.add_argument(
-        "--text-train-limit", type=int, default=5000, help="training texts (0: all)"
+        "--text-train-limit", type=non_negative_int, default=5000, help="training texts (0: all)"
     )
     matched.add_argument("--out", default="runs/compare", help="writes matched.json here")
     matched.add_argument(

@@ -21,6 +21,14 @@ def positive_int(value: str) -> int:
     return number
 
 
+def non_negative_int(value: str) -> int:
+    """An argparse type: a whole number of at least 0 (argparse names the option)."""
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {number}")
+    return number
+
+
 def positive_float(value: str) -> float:
     """An argparse type: a number above 0."""
     number = float(value)

@@ -19,6 +19,7 @@ it to encode as this project does.
 
 from __future__ import annotations
 
+import sys
 import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -58,12 +59,20 @@ def _normalizer(lowercase: bool) -> normalizers.Normalizer:
     return normalizers.Sequence(steps + [normalizers.Lowercase()] if lowercase else steps)
 
 
+def _progress_shown() -> bool:
+    """The trainers' progress bars on a terminal only: elsewhere (a log, a pipe) they print
+    blank lines."""
+    return sys.stdout.isatty()
+
+
 def _untrained(kind: str, vocab_size: int) -> tuple[Tokenizer, trainers.Trainer]:
     """An empty tokenizer of ``kind`` and the trainer that fills its vocabulary."""
     special = list(SPECIAL_TOKENS)
     if kind in ("word", "char"):
         tokenizer = Tokenizer(models.WordLevel(unk_token=UNK))
-        trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=special)
+        trainer = trainers.WordLevelTrainer(
+            vocab_size=vocab_size, special_tokens=special, show_progress=_progress_shown()
+        )
         if kind == "word":
             tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
         else:
@@ -81,6 +90,7 @@ def _untrained(kind: str, vocab_size: int) -> tuple[Tokenizer, trainers.Trainer]
     room = vocab_size - len(special)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=special, min_frequency=2,
+        show_progress=_progress_shown(),
         limit_alphabet=room // 2 + 1 if kind == "wordpiece" else room,
     )
     if kind == "bpe":
