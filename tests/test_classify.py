@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import re
 import struct
 import sys
 import zlib
@@ -77,6 +78,9 @@ def test_image_tensors_of_the_wrong_shape_or_type_are_refused(image_checkpoint: 
     predictor = Predictor.load(image_checkpoint, device="cpu")
     with pytest.raises(ValueError, match=r"\(3, H, W\) or \(1, H, W\), got shape \(4, 32, 32\)"):
         predictor.classify(torch.zeros(4, 32, 32))
+    for shape in ((32, 32), (1, 1, 3, 32, 32)):  # not taken as a list of rows or of batches
+        with pytest.raises(ValueError, match=rf"a tensor of shape {re.escape(str(shape))}: pass one"):
+            predictor.classify(torch.zeros(shape))
     with pytest.raises(ValueError, match="uint8 in \\[0, 255\\] or float in \\[0, 1\\], got torch.int32"):
         predictor.classify(torch.zeros(3, 32, 32, dtype=torch.int32))
     with pytest.raises(ValueError, match="this model classifies images, not texts"):

@@ -220,6 +220,11 @@ class Predictor:
         """
         if top_k < 1 or batch_size < 1:
             raise ValueError(f"top_k and batch_size must be at least 1, got {top_k} and {batch_size}.")
+        if isinstance(inputs, torch.Tensor) and inputs.ndim not in (3, 4):
+            raise ValueError(
+                f"a tensor of shape {tuple(inputs.shape)}: pass one (3, H, W) or (1, H, W) image, "
+                f"or a (B, 3, H, W) batch (a greyscale (H, W) image as image[None])."
+            )
         if isinstance(inputs, (str, Path, Image.Image)) or (
             isinstance(inputs, torch.Tensor) and inputs.ndim == 3
         ):
