@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import pickle
 import re
 from pathlib import Path
@@ -265,6 +266,13 @@ def test_a_few_steps_of_fit_on_sst2_keep_the_tokenizer_beside_the_checkpoints(
     assert model.tokenizer_json is not None and model.class_names == ["negative", "positive"]
     ids, _ = saved.encode_batch(["a gorgeous , witty film", "[CLS] dull"])
     assert model(ids).shape == (2, 2)
+    predicted = main(["predict", "--config", str(REPO / "configs" / "sst2.yaml"),
+                      "--data.root", str(sst2_slice(tmp_path / "sst2")), "--data.vocab_size", "600",
+                      "--model.variant", "nano", "--trainer.enable_progress_bar", "false",
+                      "--trainer.default_root_dir", str(tmp_path / "predicted"),
+                      "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
+    rows = list(csv.DictReader((Path(predicted.trainer.log_dir) / "predictions.csv").open()))
+    assert [r["input"] for r in rows] == predicted.datamodule.tables["test"][0]  # the texts
 
     # Its weights start a run on other texts only with its tokenizer: a tokenizer trained
     # there would give the same ids to other tokens (the vocabularies may even be as large).

@@ -196,6 +196,8 @@ def test_predict_writes_one_row_per_test_item_in_the_splits_order(
     labels = cli.datamodule.splits["test"].labels.tolist()
     assert [int(r["index"]) for r in rows] == list(range(len(labels))) == list(range(200))
     assert [r["label"] for r in rows] == [names[label] for label in labels]
+    assert all(Path(r["input"]).parent.name == r["label"] for r in rows)  # test/<class>/<file>
+    assert len({r["input"] for r in rows}) == 200
     correct = sum(r["label"] == r["predicted"] for r in rows)
     assert f"wrote 200 predictions to {path}; {correct} (" in capsys.readouterr().out
     batches = cli.trainer.predict(cli.model, datamodule=cli.datamodule)  # the same weights

@@ -699,6 +699,15 @@ class ImageDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False, mixed_order=True)
 
+    def predict_item_names(self) -> list[str] | None:
+        """The image files of the test split in its order, for an image folder whose files
+        all decoded; None for CIFAR-10's batches, or where unreadable files were left out."""
+        source = ImageSource(self.root)
+        if source.kind != "folder" or not source.has_split("test"):
+            return None
+        files = [str(path) for path, _ in source.files("test")]
+        return files if len(files) == len(self.splits.get("test", ())) else None
+
     def on_after_batch_transfer(
         self, batch: tuple[torch.Tensor, ...], dataloader_idx: int
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -463,3 +463,7 @@ class TextDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+    def predict_item_names(self) -> list[str] | None:
+        """The texts the predict loader serves, in the split's order."""
+        return list(self.tables["test"][0]) if "test" in self.tables else None
