@@ -99,5 +99,6 @@ def text_checkpoint(tmp_path: Path) -> Path:
     tokenizer = TextTokenizer.train(texts, "word", vocab_size=64, max_length=12)
     spec = {"modality": "text", "class_names": ["negative", "positive"],
             "vocab_size": tokenizer.vocab_size, "max_length": tokenizer.max_length,
-            "pad_id": tokenizer.pad_id, "tokenizer_kind": tokenizer.kind}
+            "pad_id": tokenizer.pad_id, "tokenizer_kind": tokenizer.kind,
+            "classes_from_labels": False}
     return save_checkpoint(tmp_path / "text.ckpt", spec, tokenizer.to_json())

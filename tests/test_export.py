@@ -58,7 +58,7 @@ def test_text_bundle_carries_the_tokenizer(text_checkpoint: Path, tmp_path: Path
     capsys.readouterr()
     assert (bundle / "tokenizer.json").read_text() == torch.load(text_checkpoint, weights_only=True)["tokenizer"]
     assert set(json.loads((bundle / "config.json").read_text())["preprocessing"]) == {
-        "vocab_size", "max_length", "pad_id", "tokenizer_kind"}
+        "vocab_size", "max_length", "pad_id", "tokenizer_kind", "classes_from_labels"}
     argv = ["--text", "great acting", "--text", "the plot makes no sense at all", "--format", "csv"]
     assert classify_output(capsys, bundle, *argv) == classify_output(capsys, text_checkpoint, *argv)
 

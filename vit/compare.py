@@ -142,21 +142,25 @@ def load_text_side(
             saved.spec["class_names"],
             checkpoint,
         )
+        classes_from_labels = saved.spec.get("classes_from_labels")
     else:
         tokenizer = tokenizers["wordpiece"]
         class_names, _ = label_classes(train_table.labels)
+        classes_from_labels = True
         spec = {
             "modality": "text",
             "class_names": class_names,
             "vocab_size": tokenizer.vocab_size,
             "max_length": tokenizer.max_length,
             "pad_id": tokenizer.pad_id,
+            "classes_from_labels": classes_from_labels,
         }
         torch.manual_seed(seed)
         model = build_model(spec, variant=variant)
         source = f"freshly initialised ({variant}, seed {seed}, WordPiece)"
     table = TextTable(test_file, "sentence", "label", column_options=None)
-    data = encode_texts(table, tokenizer, list(class_names), limit=limit)
+    data = encode_texts(table, tokenizer, list(class_names),
+                        classes_from_labels=classes_from_labels, limit=limit)
     return Side(model.eval(), source, data, list(class_names), tokenizer=tokenizer)
 
 

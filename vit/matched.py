@@ -58,16 +58,20 @@ def encode_texts(
     tokenizer: TextTokenizer,
     class_names: list[str],
     *,
+    classes_from_labels: bool | None,
     length: int | None = None,
     limit: int | None = None,
 ) -> EvalSet:
     """The first ``limit`` rows of ``table`` encoded; with ``length``, cut or [PAD]-padded to it.
 
-    Labels map to ``class_names`` as they did in training: where every class name is an
-    integer, the classes were the training labels themselves (``--data.class_names null``) and
-    a label is its own class's name; otherwise integer labels index into the names.
+    Labels map to ``class_names`` as they did in training: with ``classes_from_labels`` the
+    classes are the training labels themselves (``--data.class_names null``) and a label is its
+    own class's name; otherwise integer labels index into the names. ``None`` (a model saved
+    before its spec recorded this) reads integer class names as labels.
     """
-    if all(is_integer_label(name) for name in class_names):
+    if classes_from_labels is None:
+        classes_from_labels = all(is_integer_label(name) for name in class_names)
+    if classes_from_labels:
         index = {label_key(name): i for i, name in enumerate(class_names)}
     else:
         _, index = label_classes(table.labels, class_names)
@@ -205,14 +209,17 @@ def run_matched(
         "vocab_size": tokenizer.vocab_size,
         "max_length": length,
         "pad_id": tokenizer.pad_id,
+        "classes_from_labels": True,
     }
     torch.manual_seed(budget.seed)
     text_model = build_model(text_spec, variant=budget.variant)
-    text_train = encode_texts(table, tokenizer, text_classes, length=length, limit=text_train_limit)
+    text_train = encode_texts(table, tokenizer, text_classes, classes_from_labels=True,
+                              length=length, limit=text_train_limit)
     text_test = encode_texts(
         TextTable(text_root / "test.tsv", "sentence", "label", column_options=None),
         tokenizer,
         text_classes,
+        classes_from_labels=True,
         length=length,
     )
     rows = [

@@ -401,6 +401,9 @@ class TextDataModule(L.LightningDataModule):
             "pad_id": self.tokenizer.pad_id,
             "tokenizer": self.tokenizer.to_json(),
             "tokenizer_kind": self.tokenizer.kind,
+            # integer labels: their own class names (--data.class_names null) or indices into
+            # the names given; vit.compare reads test files the same way
+            "classes_from_labels": not self._classes_named,
         }
 
     def _use_model_tokenizer(self) -> None:
