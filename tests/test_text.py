@@ -224,9 +224,14 @@ def test_data_errors_name_the_file_and_the_fix(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"train.csv, line 5: a quote opened there is never closed; "
                                           r"it takes every line to the end, line 21, into one text"):
         TextDataModule(str(tmp_path / "u"))
-    write(tmp_path / "m" / "train.csv", ["label,sentence", '0,"two', 'lines"', *rows[:3], *rows[4:]])
+    write(tmp_path / "e" / "train.csv", ["label,sentence", *rows[:3], *rows[4:], '1,"open at the end'])
+    with pytest.raises(ConfigError, match=r"train.csv, line 21: a quote opened there is never closed"):
+        TextDataModule(str(tmp_path / "e"))
+    write(tmp_path / "m" / "train.csv", ["label,sentence", '0,"two', 'lines"', '1,"two', 'lines" (cut)',
+                                         *rows[:3], *rows[4:]])
     split = TextDataModule(str(tmp_path / "m"), val_fraction=0.2).tables
-    assert "two\nlines" in split["train"][0] + split["val"][0]  # a quoted line break is text
+    texts = split["train"][0] + split["val"][0]  # quoted line breaks are text, as is text after a quote
+    assert "two\nlines" in texts and "two\nlines (cut)" in texts
     write(tmp_path / "c" / "train.tsv", ["label\tsentence", "0\tbad", "0\tworse"])
     with pytest.raises(ValueError, match="at least two classes"):
         TextDataModule(str(tmp_path / "c"))

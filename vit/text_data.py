@@ -64,7 +64,7 @@ class TextTable:
                 f"{bad[0]}); they were read as U+FFFD and become [UNK]. Re-encode the file as "
                 f"UTF-8 (e.g. iconv -f latin1 -t utf-8) to keep those characters."
             )
-        lines = content.split("\n")
+        physical = content.split("\n")  # the file's lines, as the csv module counts them
         if path.suffix == ".tsv":
             rows = csv.reader(io.StringIO(content), delimiter="\t", quoting=csv.QUOTE_NONE)
         else:
@@ -94,7 +94,7 @@ class TextTable:
                 start, end = end + 1, rows.line_num  # a quoted field may span lines
                 if not row:
                     continue
-                if end > start and path.suffix != ".tsv" and unclosed_quote(lines[start - 1:end]):
+                if path.suffix != ".tsv" and unclosed_quote(physical[start - 1:end]):
                     raise ConfigError(
                         f"{path}, line {start}: a quote opened there is never closed; it takes "
                         f"every line to the end, line {end}, into one text. Close the quote, or "
@@ -123,12 +123,15 @@ class TextTable:
 
 
 def unclosed_quote(lines: list[str]) -> bool:
-    """Whether the CSV row made of ``lines`` opens a quoted field that it never closes (the csv
-    module, not strict, reads such a field on to the end of the file)."""
+    """Whether the CSV row made of ``lines`` opens a quoted field that it never closes: the
+    csv module, not strict, reads such a field on to the end of the file, where a strict
+    reader of the same lines stops with "unexpected end of data"."""
+    if not any('"' in line for line in lines):
+        return False
     try:
         list(csv.reader(io.StringIO("\n".join(lines)), strict=True))
-    except csv.Error:
-        return True
+    except csv.Error as err:
+        return "unexpected end of data" in str(err)
     return False
 
 
