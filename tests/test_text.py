@@ -164,6 +164,8 @@ def test_a_named_training_file_takes_no_dev_or_test_file_from_the_root(tmp_path:
     data = TextDataModule(str(root), train_file=str(own), val_fraction=0.2)
     assert data.files == {"train": own, "val": None, "test": None}
     assert [len(data.tables[s][0]) for s in ("train", "val")] == [16, 4] and not data.has_split("test")
+    with pytest.raises(DataNotFoundError, match=r"^no test texts: pass --data.test_file, or pass"):
+        data._dataset("test")  # not "add test.tsv to" a root that is not read
     named = TextDataModule(str(root), train_file=str(own), test_file=str(root / "test.tsv"))
     assert named.files["test"] == root / "test.tsv" and named.files["val"] is None
 

@@ -236,7 +236,8 @@ class TextDataModule(L.LightningDataModule):
 
     Args:
         root: Folder holding ``train``, ``test`` and optionally ``dev`` as ``.tsv`` or ``.csv``.
-        train_file: A training file elsewhere (overrides ``root``'s).
+        train_file: A training file elsewhere (in place of ``root``'s); ``root`` is then not
+            searched for the dev and test files either.
         dev_file: A validation file elsewhere (overrides ``root``'s).
         test_file: A test file elsewhere (overrides ``root``'s).
         text_column: Header name of the text column.
@@ -299,11 +300,11 @@ class TextDataModule(L.LightningDataModule):
         self.seed = seed
         # a training file named by itself is not paired with --data.root's dev and test files
         # (the config's SST-2 ones): those come only from their own options then
-        in_root = not train_file
+        self._root_searched = not train_file
         self.files = {
             "train": self._find("train", train_file, required=True),
-            "val": self._find("dev", dev_file, required=False, in_root=in_root),
-            "test": self._find("test", test_file, required=False, in_root=in_root),
+            "val": self._find("dev", dev_file, required=False, in_root=self._root_searched),
+            "test": self._find("test", test_file, required=False, in_root=self._root_searched),
         }
         train = TextTable(self.files["train"], text_column, label_column)
         self.class_names, self._label_index = label_classes(train.labels, class_names)
@@ -424,12 +425,15 @@ class TextDataModule(L.LightningDataModule):
     def _dataset(self, split: str) -> BatchTensorDataset:
         if split not in self.splits:
             if split not in self.tables:
+                searched = self._root_searched  # else naming a file in root would not help
+                add_dev = "add dev.tsv beside train.tsv, " if searched else ""
+                add_test = f"add test.tsv (or .csv) to {self.root}, " if searched else ""
                 raise DataNotFoundError(
-                    "no validation texts: add dev.tsv beside train.tsv, pass --data.dev_file, "
-                    "raise --data.val_fraction above 0, or pass --trainer.limit_val_batches 0 to "
-                    "train without validation." if split == "val" else
-                    f"no test texts: add test.tsv (or .csv) to {self.root}, pass --data.test_file, "
-                    f"or pass --test_after_fit false."
+                    f"no validation texts: {add_dev}pass --data.dev_file, raise "
+                    f"--data.val_fraction above 0, or pass --trainer.limit_val_batches 0 to "
+                    f"train without validation." if split == "val" else
+                    f"no test texts: {add_test}pass --data.test_file, or pass "
+                    f"--test_after_fit false."
                 )
             texts, labels = self.tables[split]
             ids, truncated = self.tokenizer.encode_batch(texts)
