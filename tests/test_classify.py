@@ -213,8 +213,10 @@ def test_texts_and_text_files_with_empty_lines_are_reported_one_by_one(
 def test_table_cells_keep_a_texts_first_words_and_a_paths_file_name() -> None:
     assert table_cell("a  film\nof rare wit", 30) == "a film of rare wit"
     assert table_cell("a film of rare wit and grace", 18) == "a film of rare..."
-    path = "/data/" + "x" * 70 + "/cat_0001.jpg"
-    assert table_cell(path, 20) == "..." + path[-17:] and table_cell(path, 20).endswith("cat_0001.jpg")
+    assert table_cell("x" * 40, 18) == "x" * 15 + "..."  # one long word
+    for path in ("/data/" + "x" * 70 + "/cat_0001.jpg", r"C:\Users\Jane Doe\My Pictures\cat_0001.jpg"):
+        assert table_cell(path, 20, path=True) == "..." + path[-17:]  # the file name is kept
+    assert table_cell("/data/cat.jpg", 20, path=True) == "/data/cat.jpg"
 
 
 def test_long_texts_are_truncated_with_a_note(text_checkpoint: Path, capsys) -> None:

@@ -128,22 +128,26 @@ def prepared_in_order(
             yield item, future.result()
 
 
-def table_cell(name: str, width: int) -> str:
-    """``name`` on one line in at most ``width`` characters: a text keeps its first words, a
-    name without spaces (a file's path) its end, where the file name is."""
+def table_cell(name: str, width: int, *, path: bool = False) -> str:
+    """``name`` on one line in at most ``width`` characters: a file's ``path`` keeps its end,
+    where the file name is; a text its first words."""
+    if path:
+        return name if len(name) <= width else "..." + name[-(width - 3):]
     flat = " ".join(name.split())
     if len(flat) <= width:
         return flat
     shortened = textwrap.shorten(flat, width, placeholder="...")
-    return shortened if shortened != "..." else "..." + flat[-(width - 3):]
+    return shortened if shortened != "..." else flat[:width - 3] + "..."
 
 
 class ResultWriter:
     """Writes each input's predictions as an aligned table, a JSON array or CSV rows."""
 
-    def __init__(self, out: IO[str], fmt: str, name_width: int) -> None:
+    def __init__(self, out: IO[str], fmt: str, name_width: int, *, paths: bool) -> None:
+        """``paths``: the inputs are files (shortened to their ends), not texts."""
         self.out, self.fmt, self.count = out, fmt, 0
         self.name_width = min(name_width, 60)
+        self.paths = paths
         self.csv = csv.writer(out) if fmt == "csv" else None
         if self.csv is not None:
             self.csv.writerow(["input", "rank", "label", "probability"])
@@ -162,7 +166,7 @@ class ResultWriter:
                 [name, rank, p.label, f"{p.probability:.6f}"] for rank, p in enumerate(predictions, 1)
             )
         else:
-            shown = table_cell(name, self.name_width)
+            shown = table_cell(name, self.name_width, path=self.paths)
             cells = "  ".join(f"{p.label} {p.probability:.3f}" for p in predictions)
             self.out.write(f"{shown:<{self.name_width}}  {cells}\n")
         self.count += 1
@@ -286,7 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for failure in failures:
         print(f"error: {failure}", file=sys.stderr)
-    writer = ResultWriter(out, args.format, max((len(i.name) for i in items), default=0))
+    writer = ResultWriter(out, args.format, max((len(i.name) for i in items), default=0),
+                          paths=predictor.modality == "image")
     progress = tqdm(total=len(items), unit="input", file=sys.stderr,
                     disable=len(items) <= PROGRESS_THRESHOLD, dynamic_ncols=True)
     failed = len(failures)
