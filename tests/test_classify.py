@@ -323,10 +323,11 @@ def test_unavailable_device_is_one_clear_error(image_checkpoint: Path, tmp_path:
     random_image().save(tmp_path / "a.png")
     status, _, err = run(capsys, image_checkpoint, tmp_path / "a.png", "--device", "tpu:7")
     assert status == 2 and err == ["error: unknown device 'tpu:7': use auto, cpu, cuda or cuda:N."]
-    for device in ("meta", "mps", "xpu"):  # torch knows them; the classifier runs on cpu or cuda
+    unsupported = ("meta", "xpu") + (() if torch.backends.mps.is_available() else ("mps",))
+    for device in unsupported:  # torch knows them; the classifier runs on cpu, cuda (or mps)
         status, _, err = run(capsys, image_checkpoint, tmp_path / "a.png", "--device", device)
-        assert status == 2 and err == [f"error: device '{device}' is not supported: use auto, cpu, "
-                                       "cuda or cuda:N."]
+        assert status == 2 and err == [f"error: device '{device}' is not supported here: use auto, "
+                                       "cpu, cuda or cuda:N."]
     if not torch.cuda.is_available():
         status, _, err = run(capsys, image_checkpoint, tmp_path / "a.png", "--device", "cuda")
         assert status == 2 and "has no CUDA GPU: use cpu" in err[0]

@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if Path(args.out_dir).expanduser().resolve() == read_from.resolve():
             raise ValueError(f"{args.out_dir}: the bundle to write is the one being read; "
                              f"choose another OUT_DIR.")
-        onnx_path = Path(args.out_dir) / ONNX_FILE
+        onnx_path = Path(args.out_dir).expanduser() / ONNX_FILE
         stale_onnx = onnx_path.exists()
         onnx_path.unlink(missing_ok=True)  # an earlier export's graph, of other weights
         written = save_bundle(saved, args.out_dir)

@@ -330,7 +330,8 @@ class TextDataModule(L.LightningDataModule):
             if overridden:
                 print(f"note: --data.tokenizer_file {tokenizer_file} brings its own tokenizer "
                       f"({self.tokenizer.kind}, max_length {self.tokenizer.max_length}); "
-                      f"{' and '.join(overridden)} do not apply.")
+                      f"{' and '.join(overridden)} {'does' if len(overridden) == 1 else 'do'} "
+                      f"not apply.")
         else:
             self.tokenizer = TextTokenizer.train(
                 self.tables["train"][0], tokenizer_kind, vocab_size, max_length, lowercase=lowercase

@@ -62,7 +62,7 @@ def _normalizer(lowercase: bool) -> normalizers.Normalizer:
 def _progress_shown() -> bool:
     """The trainers' progress bars on a terminal only: elsewhere (a log, a pipe) they print
     blank lines."""
-    return sys.stdout.isatty()
+    return sys.stdout is not None and sys.stdout.isatty()
 
 
 def _untrained(kind: str, vocab_size: int) -> tuple[Tokenizer, trainers.Trainer]:
