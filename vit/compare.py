@@ -174,7 +174,8 @@ def tokenization(tokenizer: TextTokenizer, text: str) -> dict[str, Any]:
         "vocab_size": tokenizer.vocab_size,
         "tokens": tokens,
         "ids": ids,
-        "special": [i < len(SPECIAL_TOKENS) and i != tokenizer.unk_id for i in ids],  # [UNK]: unknown
+        # [UNK] counts as unknown, not as special
+        "special": [i < len(SPECIAL_TOKENS) and i != tokenizer.unk_id for i in ids],
         "unknown": [t == UNK for t in tokens],
         "count": len(ids),
         "unknown_count": sum(t == UNK for t in tokens),

@@ -4,9 +4,9 @@
 folder itself under ``--trainer.logger false``): the item's index in the split (the order of the
 files of an image folder, of the usable rows of a text file), the item itself where the data
 module names it (``predict_item_names``: an image file's path, a text), its labelled class, the
-predicted class and that prediction's probability. Under DDP each process writes the items it predicted to
-``predictions_rank<N>.csv``; with several predict loaders each gets its own file. A summary line
-says where a file is and how many predictions matched the labels.
+predicted class and that prediction's probability. Under DDP each process writes the items it
+predicted to ``predictions_rank<N>.csv``; with several predict loaders each gets its own file. A
+summary line says where a file is and how many predictions matched the labels.
 """
 
 from __future__ import annotations

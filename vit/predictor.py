@@ -47,7 +47,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if resolved.type == "cpu" or (resolved.type == "mps" and torch.backends.mps.is_available()):
         return resolved  # mps: Apple's GPU, where torch has it
     if resolved.type != "cuda":
-        raise ValueError(f"device {device!r} is not supported here: use auto, cpu, cuda or cuda:N.")
+        raise ValueError(
+            f"device {device!r} is not supported here: use auto, cpu, cuda or cuda:N."
+        )
     if not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but this machine has no CUDA GPU: use cpu.")
     count = torch.cuda.device_count()
