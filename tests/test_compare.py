@@ -163,11 +163,11 @@ def test_integer_labels_map_to_the_classes_they_were_trained_as(tmp_path: Path) 
     stars = tmp_path / "stars.tsv"  # labels 1-5, trained with --data.class_names null; no 5 here
     stars.write_text("label\tsentence\n1\ta dull film\n4\ta fine film\n02\tdull\n")
     table = TextTable(stars, "sentence", "label")
-    stars = ["1", "2", "3", "4", "5"]
+    names = ["1", "2", "3", "4", "5"]
     for recorded in (True, None):  # None: a spec from before it recorded how
-        assert encode_texts(table, tokenizer, stars, classes_from_labels=recorded).labels.tolist() == [0, 3, 1]
+        assert encode_texts(table, tokenizer, names, classes_from_labels=recorded).labels.tolist() == [0, 3, 1]
     # the same labels indexing names given as --data.class_names '[1, 2, 3, 4, 5]'
-    assert encode_texts(table, tokenizer, stars, classes_from_labels=False).labels.tolist() == [1, 4, 2]
+    assert encode_texts(table, tokenizer, names, classes_from_labels=False).labels.tolist() == [1, 4, 2]
     sst = tmp_path / "sst.tsv"  # labels 0/1 naming the classes by index
     sst.write_text("label\tsentence\n1\ta fine film\n0\ta dull film\n")
     table = TextTable(sst, "sentence", "label")
