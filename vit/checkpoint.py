@@ -75,6 +75,17 @@ def torch_load_safely(path: str | Path) -> Any:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason}).") from None
 
 
+def _read_weights_file(path: Path) -> Any:
+    """The contents of a ``.safetensors`` file, or the object a torch file holds, safely."""
+    if path.suffix != ".safetensors":
+        return torch_load_safely(path)
+    _check_file(path)
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable weights file ({err}).") from None
+
+
 def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors``, ``.pth``/``.pt``/``.bin`` or a Lightning ``.ckpt``.
 
@@ -82,14 +93,11 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     ``{"model": ...}`` or ``{"state_dict": ...}`` wrapper (timm, torchvision) is unwrapped.
     """
     path = Path(path).expanduser()
-    if path.suffix == ".safetensors":
-        _check_file(path)
-        try:
-            state = load_file(path)
-        except (SafetensorError, OSError, ValueError) as err:
-            raise CheckpointError(f"{path}: not a readable weights file ({err}).") from None
-    else:
-        state = torch_load_safely(path)
+    return _state_dict_in(_read_weights_file(path), path)
+
+
+def _state_dict_in(state: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict :func:`load_weights_file` finds in what a weights file holds."""
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -189,20 +197,15 @@ def fit_state_dict(
     return state, fresh
 
 
-def stored_tokenizer(path: str | Path) -> tuple[str, Path | None] | None:
-    """The tokenizer JSON that text weights at ``path`` were trained with, and the file that
-    holds it (None when it lives inside a checkpoint whose run folder lacks tokenizer.json):
-    a training checkpoint carries it, a bundle's ``model.safetensors`` has it beside it.
-    None when neither does (image weights, or a bare weights file)."""
-    path = Path(path).expanduser()
-    beside = path.parent / BUNDLE_TOKENIZER
-    if path.suffix == ".ckpt":
-        checkpoint = torch_load_safely(path)
-        tokenizer = checkpoint.get("tokenizer") if isinstance(checkpoint, dict) else None
-        if tokenizer is None:
-            return None
+def _stored_tokenizer(path: Path, contents: Any) -> tuple[str, Path | None] | None:
+    """The tokenizer JSON that text weights read from ``path`` (``contents``) were trained
+    with, and the file that holds it (None when it lives inside a checkpoint whose run folder
+    lacks tokenizer.json): a training checkpoint carries it, a bundle's ``model.safetensors``
+    has it beside it. None when neither does (image weights, or a bare weights file)."""
+    if isinstance(contents, dict) and isinstance(contents.get("tokenizer"), str):
         run_file = path.parent.parent / BUNDLE_TOKENIZER  # RUN/checkpoints/x.ckpt
-        return tokenizer, run_file if run_file.is_file() else None
+        return contents["tokenizer"], run_file if run_file.is_file() else None
+    beside = path.parent / BUNDLE_TOKENIZER
     if path.suffix == ".safetensors" and beside.is_file():
         try:
             return beside.read_text(encoding="utf-8"), beside
@@ -211,11 +214,11 @@ def stored_tokenizer(path: str | Path) -> tuple[str, Path | None] | None:
     return None
 
 
-def check_same_vocabulary(path: str | Path, tokenizer: TextTokenizer) -> None:
+def _check_same_vocabulary(path: Path, contents: Any, tokenizer: TextTokenizer) -> None:
     """Refuse text weights whose token ids name other tokens than ``tokenizer``'s do: their
     token embeddings would be read under the wrong ids (a vocabulary of the same size loads
     without complaint)."""
-    stored = stored_tokenizer(path)
+    stored = _stored_tokenizer(path, contents)
     if stored is None:
         return
     tokenizer_json, file = stored
@@ -237,9 +240,19 @@ def check_same_vocabulary(path: str | Path, tokenizer: TextTokenizer) -> None:
     )
 
 
-def load_into(model: TokenClassifier, path: str | Path) -> list[str]:
-    """Load a weights file into ``model`` (fitting it first); returns the re-initialised keys."""
-    state, fresh = fit_state_dict(load_weights_file(path), model, source=path)
+def load_into(
+    model: TokenClassifier, path: str | Path, tokenizer: TextTokenizer | None = None
+) -> list[str]:
+    """Load a weights file into ``model`` (fitting it first); returns the re-initialised keys.
+
+    With ``tokenizer`` (a text model's), weights trained with a tokenizer whose ids name other
+    tokens are refused.
+    """
+    path = Path(path).expanduser()
+    contents = _read_weights_file(path)
+    if tokenizer is not None:
+        _check_same_vocabulary(path, contents, tokenizer)
+    state, fresh = fit_state_dict(_state_dict_in(contents, path), model, source=path)
     model.load_state_dict(state, strict=False)
     return fresh
 

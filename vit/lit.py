@@ -15,9 +15,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from vit.checkpoint import (
-    CheckpointError, check_same_vocabulary, load_into, shape_difference, tensor_mismatch,
-)
+from vit.checkpoint import CheckpointError, load_into, shape_difference, tensor_mismatch
 from vit.errors import ConfigError, divisors_text
 from vit.loss_watch import NonFiniteLossWatch
 from vit.model import build_model, encoder_config
@@ -310,11 +308,9 @@ class Classifier(L.LightningModule):
             )
         # Runs before a resumed checkpoint is restored, so init_from never overwrites it.
         if stage == "fit" and self.hparams.init_from and not self._initialised_from_file:
-            if self.tokenizer_json is not None:
-                check_same_vocabulary(
-                    self.hparams.init_from, TextTokenizer.from_json(self.tokenizer_json)
-                )
-            fresh = load_into(self.net, self.hparams.init_from)
+            tokenizer = None if self.tokenizer_json is None else \
+                TextTokenizer.from_json(self.tokenizer_json)
+            fresh = load_into(self.net, self.hparams.init_from, tokenizer)
             self._initialised_from_file = True
             note = f", re-initialised {', '.join(fresh)}" if fresh else ""
             print(f"initialised from {self.hparams.init_from}{note}")
