@@ -563,6 +563,7 @@ class ImageDataModule(L.LightningDataModule):
         self.class_names = self._find_class_names()
         self.splits: dict[str, BatchTensorDataset] = {}
         self._decoded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # by prepare_data
+        self._source: ImageSource | None = None  # what setup read the splits from
         self._sampler: EpochSampler | None = None
         self._epoch, self._batches = 0, 0  # training batches drawn so far in this epoch
 
@@ -633,7 +634,7 @@ class ImageDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        source = ImageSource(self.root)
+        source = self._source = ImageSource(self.root)
         images, labels = self._load(source, "train")
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
         num_val = held_out_count(len(labels), self.val_fraction, "images")
@@ -702,8 +703,9 @@ class ImageDataModule(L.LightningDataModule):
     def predict_item_names(self) -> list[str] | None:
         """The image files of the test split in its order, for an image folder whose files
         all decoded; None for CIFAR-10's batches, or where unreadable files were left out."""
-        source = ImageSource(self.root)
-        if source.kind != "folder" or not source.has_split("test"):
+        self.setup()
+        source = self._source
+        if source is None or source.kind != "folder" or not source.has_split("test"):
             return None
         files = [str(path) for path, _ in source.files("test")]
         return files if len(files) == len(self.splits.get("test", ())) else None
