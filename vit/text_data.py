@@ -88,18 +88,12 @@ class TextTable:
         self.labels: list[str] = []
         skipped: dict[str, list[int]] = {"wrong number of fields": [], "empty text": [],
                                          "empty label": []}
+        start = end = header_end = rows.line_num
         try:
-            end = rows.line_num
             for row in rows:
                 start, end = end + 1, rows.line_num  # a quoted field may span lines
                 if not row:
                     continue
-                if path.suffix != ".tsv" and unclosed_quote(physical[start - 1:end]):
-                    raise ConfigError(
-                        f"{path}, line {start}: a quote opened there is never closed; it takes "
-                        f"every line to the end, line {end}, into one text. Close the quote, or "
-                        f"double it (\"\") inside a quoted field."
-                    )
                 if len(row) != len(header):
                     skipped["wrong number of fields"].append(end)
                 elif is_blank(row[text_at]):
@@ -114,6 +108,13 @@ class TextTable:
                 f"{path}, line {rows.line_num}: {err}. Look for an unclosed quote or a runaway "
                 f"field there."
             ) from None
+        # The csv module reads a quote never closed on to the end of the file: the last row.
+        if path.suffix != ".tsv" and end > header_end and unclosed_quote(physical[start - 1:end]):
+            raise ConfigError(
+                f"{path}, line {start}: a quote opened there is never closed; it takes every line "
+                f"to the end, line {end}, into one text. Close the quote, or double it (\"\") "
+                f"inside a quoted field."
+            )
         for reason, lines in skipped.items():
             if lines:
                 print(f"warning: {path}: skipped {len(lines)} row(s) with {reason} "
